@@ -1,0 +1,24 @@
+"""The single titanlite logger. Rank 0 prints; other ranks stay quiet unless asked."""
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger("titanlite")
+
+
+def init_logger(rank: int | None = None) -> None:
+    """Route titanlite messages to stdout, only on rank 0 (or every rank with TITANLITE_LOG_ALL_RANKS=1)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = False
+    if rank == 0 or os.environ.get("TITANLITE_LOG_ALL_RANKS") == "1":
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.WARNING)
