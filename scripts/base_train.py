@@ -9,9 +9,6 @@ Every seed flag maps to one config key (table below, also printed by --help). ti
 
 from __future__ import annotations
 
-import sys
-
-from titanlite.cli import run_cli
 from titanlite.errors import UserError
 
 SEED_FLAGS: dict[str, str] = {
@@ -98,4 +95,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    from titanlite.train import cli_entry
+
+    cli_entry(main)

@@ -12,13 +12,15 @@ def init_logger(rank: int | None = None) -> None:
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+        if getattr(handler, "_titanlite_console", False):  # replace ours only; keep e.g. a test's capture
+            logger.removeHandler(handler)
     logger.propagate = False
     if rank == 0 or os.environ.get("TITANLITE_LOG_ALL_RANKS") == "1":
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     else:
-        logger.addHandler(logging.NullHandler())
+        handler = logging.NullHandler()
         logger.setLevel(logging.WARNING)
+    handler._titanlite_console = True
+    logger.addHandler(handler)

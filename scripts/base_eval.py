@@ -1,0 +1,150 @@
+"""Evaluate a saved checkpoint: train/val bits per byte, CORE (CSV per task + final row) and samples.
+
+    python -m scripts.base_eval --run-dir outputs/d12                       # latest step, everything
+    torchrun --nproc_per_node=8 -m scripts.base_eval --run-dir outputs/d24 --step 5568 --max-per-task -1
+    python -m scripts.base_eval --run-dir outputs/d4 --eval bpb,samples --split-tokens 65536
+
+Works on any number of processes (DCP reshards the checkpoint). The model is rebuilt from the config stored
+in the checkpoint, so no other flags are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import torch
+
+from titanlite.errors import UserError
+from titanlite.logging_utils import init_logger, logger
+
+DEFAULT_SPLIT_TOKENS = 40 * 2**19  # the reference's base_eval default (20,971,520)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="run folder holding step-NNNNNN/ checkpoints")
+    parser.add_argument("--step", default="latest", help="checkpoint step to evaluate (default: latest)")
+    parser.add_argument("--eval", default="bpb,core,samples", help="comma list of bpb, core, samples")
+    parser.add_argument("--split-tokens", type=int, default=DEFAULT_SPLIT_TOKENS, help="tokens per bpb split")
+    parser.add_argument("--device-batch-size", type=int, default=0, help="rows per forward (0: as trained)")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1: all)")
+    parser.add_argument("--bundle", type=Path, default=None, help="CORE bundle folder (default: the config's)")
+    parser.add_argument("--device-type", default="", help="cuda, cpu or mps ('' autodetects)")
+    return parser.parse_args(argv)
+
+
+def _load_model(run_dir: Path, step_arg: str, args, world):
+    from titanlite.attention import select_attention_backend
+    from titanlite.checkpoint import CheckpointManager, read_meta
+    from titanlite.config import build_config
+    from titanlite.models.gpt.parallelize import materialize
+    from titanlite.precision import resolve_compute_dtype
+    from titanlite.scaling import derive_plan
+    from titanlite.spec import get_train_spec
+
+    probe = CheckpointManager(build_config(None, []).checkpoint, run_dir, world)
+    step = probe.resolve_step("latest" if step_arg == "latest" else int(step_arg))
+    meta = read_meta(probe.step_dir(step))
+    if not meta.get("config_toml"):
+        raise UserError(f"{probe.step_dir(step)}/meta.json holds no config; cannot rebuild the model")
+    config = build_config(tomllib.loads(meta["config_toml"]), [])
+    dbs = args.device_batch_size or config.training.device_batch_size
+    training = dataclasses.replace(config.training, device_batch_size=dbs, num_iterations=1,
+                                   total_batch_size=dbs * config.model.max_seq_len * world.world_size)
+    compute_dtype = resolve_compute_dtype(config.training.dtype, world.device.type)
+    from titanlite.data.corpora import prepare_tokenizer
+
+    tokenizer = prepare_tokenizer(config.data)
+    plan = derive_plan(config.model, training, config.optimizer, tokenizer.vocab_size, world.world_size)
+    spec = get_train_spec(config.model.name)
+    backend, lines = select_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
+                                              config.model.window_pattern.upper())
+    for line in lines:
+        logger.info(line)
+    model = spec.build_meta_model(plan, config.model)
+    model.set_compute_dtype(compute_dtype)
+    model.set_attention_backend(backend)
+    if spec.parallelize is not None:
+        no_compile = dataclasses.replace(config.compile, enabled="false")
+        no_float8 = dataclasses.replace(config.float8, enabled=False)
+        model = spec.parallelize(model, world, no_compile, no_float8, config.activation_checkpoint,
+                                 param_dtype=compute_dtype)
+    model = materialize(model, world.device)
+    probe.load(step, {"model": model})
+    model.eval()
+    logger.info(f"Loaded {probe.step_dir(step)} (depth {config.model.depth}, vocab {tokenizer.vocab_size:,})")
+    return model, tokenizer, config, plan, step
+
+
+def run(args: argparse.Namespace) -> int:
+    from titanlite.device import resolve_device_type
+    from titanlite.config import build_config
+    from titanlite.distributed import init_distributed
+
+    init_logger()
+    world = init_distributed(build_config(None, []).parallelism, resolve_device_type(args.device_type))
+    wanted = {part.strip() for part in args.eval.split(",") if part.strip()}
+    unknown = wanted - {"bpb", "core", "samples"}
+    if unknown:
+        raise UserError(f"--eval accepts bpb, core, samples; got {', '.join(sorted(unknown))}")
+    model, tokenizer, config, plan, step = _load_model(args.run_dir, args.step, args, world)
+
+    if "bpb" in wanted:
+        from titanlite.data.corpora import resolve_data_dir
+        from titanlite.data.loader import build_loader
+        from titanlite.eval.bpb import evaluate_bpb
+
+        token_bytes = tokenizer.token_bytes().to(world.device)
+        rows = plan.device_batch_size * plan.seq_len * world.world_size
+        steps = max(1, args.split_tokens // rows)
+        for split in ("train", "val"):
+            loader = build_loader(resolve_data_dir(config.data), split, tokenizer, plan.device_batch_size,
+                                  plan.seq_len, rank=world.rank, world_size=world.world_size, device=world.device,
+                                  prefetch=0)
+            bpb = evaluate_bpb(model, iter(loader), steps, token_bytes)
+            loader.close()
+            logger.info(f"{split} bpb: {bpb:.6f} ({steps * rows:,} tokens)")
+
+    if "core" in wanted:
+        from titanlite.eval.core import evaluate_core, write_core_csv
+        from titanlite.paths import cache_dir
+
+        bundle = args.bundle or Path(config.eval.eval_bundle_dir or cache_dir() / "eval_bundle")
+        if not (bundle / "core.yaml").is_file():
+            raise UserError(f"no CORE bundle at {bundle}: run python -m scripts.download_eval_bundle (internet) or "
+                            f"python -m scripts.prepare_core_offline, or pass --bundle")
+        result = evaluate_core(model, tokenizer, bundle, args.max_per_task, device=world.device, rank=world.rank,
+                               world_size=world.world_size, max_seq_len=plan.seq_len)
+        for task, acc in result.accuracy.items():
+            logger.info(f"  {task:<36} accuracy {acc:.4f} | centered {result.centered[task]:+.4f}")
+        logger.info(f"{result.label}: {result.core:.4f} ({result.examples_per_second:.1f} examples/s)")
+        if world.rank == 0:
+            out = args.run_dir / "base_eval" / f"core_step{step:06d}.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_core_csv(result, out)
+            logger.info(f"wrote {out}")
+
+    if "samples" in wanted:
+        from titanlite.eval.samples import sample_completions
+        from titanlite.models.gpt.generate import generate
+
+        for text in sample_completions(model, tokenizer):
+            logger.info(f"  sample: {text!r}")
+        bos = tokenizer.bos_token_id
+        for i in range(8):  # unconditional samples from BOS, temperature 1.0 (the reference's base_eval)
+            tokens = list(generate(model, [bos], 128, temperature=1.0, seed=42 + i))
+            logger.info(f"  unconditional {i}: {tokenizer.decode([t for t in tokens if t != bos])!r}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    from titanlite.train import cli_entry
+
+    cli_entry(main)

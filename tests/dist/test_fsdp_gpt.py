@@ -1,0 +1,189 @@
+"""FSDP2 GPT on 2 gloo ranks vs 1 plain process, and DCP checkpoints resharded 2 -> 1 and 1 -> 2.
+
+One module-scoped fixture runs everything (one 2-process spawn):
+  1 process : parallelize_gpt (no mesh) + the project's Muon/AdamW container, 10 steps, checkpoint after step 5
+              with both data streams' states in one process
+  2 ranks   : parallelize_gpt (FSDP2), same global batch split by rows, 10 steps, checkpoint after step 5 with
+              each rank saving only its own stream; then fresh FSDP2 models load the 1-process checkpoint
+              (each rank asking for its own stream) and run steps 6..10
+  1 process : a fresh model loads the 2-rank checkpoint (asking for both streams) and runs steps 6..10
+"""
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tests.helpers.dist import run_in_processes
+from titanlite.checkpoint import CheckpointManager, export_checkpoint, load_exported
+from titanlite.config.sections import (ActivationCheckpointConfig, CheckpointConfig, CompileConfig, Float8Config,
+                                       LRSchedulerConfig, OptimizerConfig, ParallelismConfig)
+from titanlite.distributed import init_distributed, set_seed
+from titanlite.models.gpt.model import GPT, GPTArgs
+from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
+from titanlite.optim import build_optimizers
+from titanlite.train_state import TrainState
+
+ARGS = GPTArgs(n_layer=3, n_embd=64, n_head=2, n_kv_head=2, head_dim=32, vocab_size=512, sequence_len=32,
+               window_pattern="L", attention_backend="sdpa")
+GLOBAL_ROWS, STEPS, SAVE_AT = 4, 10, 5
+GLOBAL_TOKENS = GLOBAL_ROWS * ARGS.sequence_len
+PLAN = SimpleNamespace(batch_lr_scale=1.0, width_lr_scale=1.0, weight_decay_scaled=0.2, num_iterations=STEPS)
+SCHEDULE = LRSchedulerConfig(warmup_steps=1, warmdown_ratio=0.4, momentum_warmup_steps=4)
+
+
+def build(world):
+    with torch.device("meta"):
+        model = GPT(ARGS)
+    model = parallelize_gpt(model, world, CompileConfig(enabled="false"), Float8Config(),
+                            ActivationCheckpointConfig(mode="selective", selective_every=2))
+    set_seed(1234)
+    model = materialize(model, world.device)
+    wake_zero_projections(model)
+    optimizers = build_optimizers(model.optimizer_param_groups(), OptimizerConfig(), PLAN, SCHEDULE,
+                                  compute_dtype=torch.float32)
+    return model, optimizers
+
+
+@torch.no_grad()
+def wake_zero_projections(model) -> None:
+    """Give the zero-initialised output projections small random values (same full tensor on every rank).
+
+    At the recipe's init every block is the identity, so the residual/x0/backout scalars get gradients of ~1e-11:
+    pure rounding noise that differs between 1 and 2 processes and that AdamW (eps 1e-10) turns into full-size
+    updates. Real gradients make the comparison meaningful.
+    """
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            full = torch.randn(p.shape, generator=g) * 0.02
+            if isinstance(p, DTensor):
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(full)
+
+
+def global_batch(step: int):
+    g = torch.Generator().manual_seed(100 + step % 2)  # two batches in turn: learnable, so the loss falls
+    tokens = torch.randint(0, ARGS.vocab_size, (GLOBAL_ROWS, ARGS.sequence_len + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_steps(model, optimizers, world, first: int, last: int) -> list[float]:
+    """Steps first..last (1-based); each rank takes its rows; the loss is normalised by the global count."""
+    rows = GLOBAL_ROWS // world.world_size
+    losses = []
+    for step in range(first, last + 1):
+        inputs, targets = global_batch(step)
+        inputs, targets = inputs[world.rank * rows:(world.rank + 1) * rows], targets[world.rank * rows:(world.rank + 1) * rows]
+        optimizers.zero_grad()
+        loss = model(inputs, targets, loss_reduction="sum") / GLOBAL_TOKENS
+        loss.backward()
+        optimizers.step(step - 1)
+        losses.append(world.all_reduce_sum(loss.detach()).item())
+    return losses
+
+
+def full_params(model) -> dict[str, str]:
+    """Exact fingerprints (sha256 of the bytes) of the full parameters: small enough to send between processes."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+    return out
+
+
+def states(model, optimizers, streams: dict[str, str]):
+    return {"model": model, "optimizer": optimizers, "train_state": TrainState(step=SAVE_AT),
+            "dataloader": dict(streams)}
+
+
+def _two_ranks(rank, world_size, single_dir, fsdp_dir):
+    world = init_distributed(ParallelismConfig(), "cpu")
+    assert world.mesh is not None and world.world_size == 2
+    model, optimizers = build(world)
+    assert type(model.blocks[0].attn.c_q.weight).__name__ == "DTensor"
+    losses = train_steps(model, optimizers, world, 1, SAVE_AT)
+    manager = CheckpointManager(CheckpointConfig(), fsdp_dir, world)
+    manager.save(SAVE_AT, states(model, optimizers, {f"stream_{rank}": f"state of stream {rank}"}))
+    saved_params = full_params(model)
+    losses += train_steps(model, optimizers, world, SAVE_AT + 1, STEPS)
+
+    # resume the 1-process checkpoint on 2 ranks, each asking only for its own stream
+    model, optimizers = build(world)
+    st = states(model, optimizers, {f"stream_{rank}": ""})
+    assert CheckpointManager(CheckpointConfig(), single_dir, world).load("latest", st) == SAVE_AT
+    loaded_params = full_params(model)
+    resumed = train_steps(model, optimizers, world, SAVE_AT + 1, STEPS)
+    return {"losses": losses, "saved": saved_params, "loaded": loaded_params, "resumed": resumed,
+            "stream": st["dataloader"], "train_step": st["train_state"].step}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, monkeypatch_module):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch_module.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("fsdp_gpt")
+        single_dir, fsdp_dir = root / "single", root / "fsdp"
+        world = init_distributed(ParallelismConfig(), "cpu")
+        assert world.mesh is None
+        model, optimizers = build(world)
+        losses = train_steps(model, optimizers, world, 1, SAVE_AT)
+        CheckpointManager(CheckpointConfig(), single_dir, world).save(
+            SAVE_AT, states(model, optimizers, {"stream_0": "state of stream 0", "stream_1": "state of stream 1"}))
+        single_saved = full_params(model)
+        losses += train_steps(model, optimizers, world, SAVE_AT + 1, STEPS)
+
+        two = run_in_processes(_two_ranks, world_size=2, args=(single_dir, fsdp_dir), timeout=300)
+
+        # resume the 2-rank checkpoint in one process, asking for both streams
+        model, optimizers = build(world)
+        st = states(model, optimizers, {"stream_0": "", "stream_1": ""})
+        CheckpointManager(CheckpointConfig(), fsdp_dir, world).load(SAVE_AT, st)
+        loaded = full_params(model)
+        resumed = train_steps(model, optimizers, world, SAVE_AT + 1, STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    exported = full_params(load_exported(export_checkpoint(fsdp_dir / "step-000005", root / "export")))
+    return SimpleNamespace(exported=exported, losses=losses, single_saved=single_saved, two=two, loaded=loaded, resumed=resumed,
+                           streams=st["dataloader"])
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_two_ranks_follow_the_single_process_loss_curve(runs):
+    assert len(runs.losses) == STEPS and runs.losses[-1] < runs.losses[0]
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.tensor(runs.two[rank]["losses"]), torch.tensor(runs.losses),
+                                   rtol=1e-4, atol=0)
+
+
+def test_checkpoint_from_two_ranks_loads_in_one_process(runs):
+    saved = runs.two[0]["saved"]
+    assert saved.keys() == runs.loaded.keys()
+    for name, tensor in saved.items():
+        assert runs.loaded[name] == tensor, name
+    assert runs.exported == saved  # the single-file export of the sharded checkpoint holds the same weights
+    assert runs.streams == {"stream_0": "state of stream 0", "stream_1": "state of stream 1"}
+    torch.testing.assert_close(torch.tensor(runs.resumed), torch.tensor(runs.losses[SAVE_AT:]), rtol=1e-5, atol=0)
+
+
+def test_checkpoint_from_one_process_loads_on_two_ranks(runs):
+    for rank in (0, 1):
+        result = runs.two[rank]
+        for name, tensor in runs.single_saved.items():
+            assert result["loaded"][name] == tensor, name
+        assert result["stream"] == {f"stream_{rank}": f"state of stream {rank}"}
+        assert result["train_step"] == SAVE_AT
+        torch.testing.assert_close(torch.tensor(result["resumed"]), torch.tensor(runs.losses[SAVE_AT:]),
+                                   rtol=1e-5, atol=0)
+

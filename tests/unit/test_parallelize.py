@@ -1,0 +1,148 @@
+"""parallelize_gpt on one process: activation checkpointing, compile, materialize; distributed.py basics."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from titanlite.config.sections import ActivationCheckpointConfig, CompileConfig, Float8Config, ParallelismConfig
+from titanlite.distributed import WorldInfo, all_reduce_max, all_reduce_sum, init_distributed, resolve_degrees
+from titanlite.errors import UserError
+from titanlite.models.gpt.model import GPT, GPTArgs
+from titanlite.models.gpt.parallelize import apply_ac, compile_enabled, materialize, parallelize_gpt
+
+ARGS = GPTArgs(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, head_dim=32, vocab_size=512, sequence_len=32,
+               window_pattern="L", attention_backend="sdpa")
+CPU_WORLD = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None, dp_shard=1,
+                      dp_replicate=1)
+NO_COMPILE = CompileConfig(enabled="false")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def meta_model(args: GPTArgs = ARGS) -> GPT:
+    with torch.device("meta"):
+        return GPT(args)
+
+
+def build(args: GPTArgs = ARGS, compile_cfg=NO_COMPILE, ac_mode: str = "none", every: int = 2) -> GPT:
+    model = parallelize_gpt(meta_model(args), CPU_WORLD, compile_cfg, Float8Config(),
+                            ActivationCheckpointConfig(mode=ac_mode, selective_every=every))
+    torch.manual_seed(0)
+    model = materialize(model, "cpu")
+    randomize(model)
+    return model
+
+
+@torch.no_grad()
+def randomize(model) -> None:
+    """Zero-initialised projections would hide most of the backward: give every matrix random values."""
+    g = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        if p.ndim == 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def loss_and_grads(model) -> tuple[float, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 512, (2, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.item(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_materialize_is_the_plain_init():
+    torch.manual_seed(0)
+    plain = GPT(ARGS)
+    torch.manual_seed(0)
+    plain.init_weights()  # draws from the same generator state as materialize (meta build draws nothing)
+    torch.manual_seed(0)
+    model = materialize(meta_model(), "cpu")
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(model.rope_cos, plain.rope_cos) and model.rope_cos.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode,every,expected", [("none", 2, []), ("full", 2, [0, 1, 2]), ("selective", 2, [0, 2]),
+                                                 ("selective", 3, [0])])
+def test_ac_modes_choose_blocks(mode, every, expected):
+    model = meta_model(dataclasses.replace(ARGS, n_layer=3))
+    names = [n for n, _ in model.named_parameters()]
+    assert apply_ac(model, ActivationCheckpointConfig(mode=mode, selective_every=every)) == expected
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints stay interchangeable
+
+
+def test_ac_bad_values_are_user_errors():
+    with pytest.raises(UserError, match="selective_every"):
+        apply_ac(meta_model(), ActivationCheckpointConfig(mode="selective", selective_every=0))
+    with pytest.raises(UserError, match="activation_checkpoint.mode"):
+        apply_ac(meta_model(), ActivationCheckpointConfig(mode="sometimes"))
+
+
+def test_full_ac_gives_the_same_loss_and_gradients():
+    ref_loss, ref_grads = loss_and_grads(build())
+    loss, grads = loss_and_grads(build(ac_mode="full"))
+    assert loss == ref_loss
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_compile_switch():
+    assert compile_enabled(CompileConfig(enabled="auto"), "cuda") is True
+    assert compile_enabled(CompileConfig(enabled="auto"), "cpu") is False
+    assert compile_enabled(CompileConfig(enabled="true"), "cpu") is True
+    assert compile_enabled(CompileConfig(enabled=False), "cuda") is False  # a TOML boolean
+    with pytest.raises(UserError, match="compile.enabled"):
+        compile_enabled(CompileConfig(enabled="maybe"), "cpu")
+
+
+def test_compiled_block_matches_eager():
+    """The one compile test (cold compile ~20-40 s): a depth-1 model, AC on, compiled block vs eager."""
+    args = dataclasses.replace(ARGS, n_layer=1)
+    ref_loss, ref_grads = loss_and_grads(build(args))
+    model = build(args, compile_cfg=CompileConfig(enabled="true"), ac_mode="full")
+    assert type(model.blocks[0]).__name__ == "OptimizedModule"
+    loss, grads = loss_and_grads(model)
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gpt_spec_uses_parallelize_gpt():
+    from titanlite.spec import get_train_spec
+
+    assert get_train_spec("gpt").parallelize is parallelize_gpt
+
+
+# ----- distributed.py without torchrun -----------------------------------------------------------------------
+
+def test_single_process_world_has_no_mesh(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    world = init_distributed(ParallelismConfig(), "cpu")
+    assert (world.rank, world.world_size, world.mesh, world.dp_shard, world.dp_replicate) == (0, 1, None, 1, 1)
+    assert world.device == torch.device("cpu")
+    t = torch.tensor([2.0])
+    assert all_reduce_sum(t) is t and t.item() == 2.0 and all_reduce_max(t).item() == 2.0
+    world.barrier()  # no-op
+
+
+def test_degrees():
+    assert resolve_degrees(8, -1, 1) == (1, 8)
+    assert resolve_degrees(8, -1, 2) == (2, 4)
+    assert resolve_degrees(8, 4, 2) == (2, 4)
+    with pytest.raises(UserError, match="world size is 8"):
+        resolve_degrees(8, 3, 2)
+    with pytest.raises(UserError, match="does not divide"):
+        resolve_degrees(6, -1, 4)
+    with pytest.raises(UserError, match="dp_replicate"):
+        resolve_degrees(2, -1, 0)
+    with pytest.raises(UserError, match="parallelism.dp_shard"):
+        init_distributed(ParallelismConfig(dp_shard=2), "cpu")

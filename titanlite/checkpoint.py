@@ -1,0 +1,398 @@
+"""Distributed Checkpoint (DCP) save/resume with atomic step folders, retention and optional async saves.
+
+Layout: `<folder>/step-000123/` holds DCP's files (`.metadata` + one data file per rank) and `meta.json`
+(step, model args, the resolved config TOML). A save is written to `<folder>/.step-000123.tmp/` and renamed
+by rank 0 only after every rank has finished writing, so a crash mid-save never leaves a folder that looks
+complete and never touches an earlier checkpoint. DCP reshards on load: a checkpoint written by N ranks loads
+on M ranks (or in a plain process without a process group).
+
+What is saved is whatever the trainer passes: nn.Modules (through get/set_model_state_dict, which handle FSDP2
+DTensors and strip compile's `_orig_mod.`), Stateful objects (optimizers, train state) and plain dicts whose
+entries may differ per rank (each rank's data-loader streams under their own keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+import torch.nn as nn
+from torch.distributed.checkpoint._traverse import set_element  # private, but what DCP's own planner uses
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from titanlite.distributed import WorldInfo
+from titanlite.errors import UserError
+from titanlite.logging_utils import logger
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+META_FILE = "meta.json"
+DCP_METADATA_FILE = ".metadata"
+FORMAT_VERSION = 1
+# Model-args fields that change parameter shapes or meaning: a checkpoint differing in these cannot be loaded.
+ARCHITECTURE_FIELDS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "vocab_size")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return f".{step_dir_name(step)}.tmp"
+
+
+# Async saves warn from DCP's background thread, which a catch_warnings block does not cover.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """A single process without a process group is a normal titanlite run, not worth DCP's warning per save."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class ModelState(Stateful):
+    """An nn.Module as DCP sees it: FQN-keyed (unsharded names), DTensor shards under FSDP2."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, but non-tensor entries are unpickled with weights_only=True (no arbitrary code)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a DCP failure: the first rank's underlying exception (not DCP's multi-rank traceback)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _trace) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
+        return f"rank {rank}: {describe_failure(inner)}"
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{exc.__class__.__name__}: {first[:300]}" if first else exc.__class__.__name__
+
+
+def model_args_dict(states: dict[str, Any]) -> dict | None:
+    """The first module's `args` dataclass as a dict (None when no module in `states` has one)."""
+    for value in states.values():
+        if isinstance(value, nn.Module):
+            args = getattr(value, "args", None)
+            if dataclasses.is_dataclass(args):
+                return dataclasses.asdict(args)
+    return None
+
+
+def _as_dcp_states(states: dict[str, Any]) -> dict[str, Any]:
+    return {key: ModelState(value) if isinstance(value, nn.Module) else value for key, value in states.items()}
+
+
+def list_steps(folder: Path) -> list[int]:
+    """Steps with a complete checkpoint (renamed folder with DCP metadata and meta.json), ascending."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for entry in folder.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and (entry / DCP_METADATA_FILE).is_file() and (entry / META_FILE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def read_meta(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint {step_dir} has no readable {META_FILE} ({exc.__class__.__name__}): it is "
+                        "incomplete or corrupt; resume from another step (e.g. --checkpoint.resume_from_step=latest)"
+                        ) from None
+
+
+def check_model_args(saved: dict | None, current: dict | None, where: Path) -> None:
+    """Refuse a checkpoint of another architecture with one line naming both configurations."""
+    if not saved or not current:
+        return
+    differing = [f for f in ARCHITECTURE_FIELDS if f in saved and f in current and saved[f] != current[f]]
+    if differing:
+        ckpt = ", ".join(f"{f}={saved[f]}" for f in differing)
+        model = ", ".join(f"{f}={current[f]}" for f in differing)
+        raise UserError(f"checkpoint {where} was saved from a different model ({ckpt}) than the one configured "
+                        f"now ({model}); use the config the checkpoint was trained with (model.depth, "
+                        "data.vocab_size, ...) or point checkpoint.model_tag at another run")
+    for field in ("sequence_len", "window_pattern", "softcap"):
+        if field in saved and field in current and saved[field] != current[field]:
+            logger.warning(f"checkpoint {where} was trained with {field}={saved[field]!r}; continuing with "
+                           f"{field}={current[field]!r}")
+
+
+class CheckpointManager:
+    def __init__(self, checkpoint_cfg, folder: Path, world: WorldInfo, *, config_toml: str | None = None):
+        """`folder` is the run folder (`<dump_folder>/<model_tag or d<depth>>`); steps go directly inside.
+
+        config_toml: the resolved config written into each meta.json (default: the run folder's config.toml
+        if the trainer wrote one).
+        """
+        self.cfg = checkpoint_cfg
+        self.folder = Path(folder)
+        self.world = world
+        self.config_toml = config_toml
+        self.is_main = world.rank == 0
+        self.async_enabled = checkpoint_cfg.async_mode == "async"
+        if checkpoint_cfg.async_mode not in ("disabled", "async"):
+            raise UserError(f"checkpoint.async_mode = {checkpoint_cfg.async_mode!r} is not supported; use "
+                            "disabled or async")
+        if checkpoint_cfg.keep_latest_k < 0:
+            raise UserError(f"checkpoint.keep_latest_k = {checkpoint_cfg.keep_latest_k} must be >= 0 (0 keeps all)")
+        # Async saves run DCP's collectives from a background thread: give them their own gloo group so they
+        # never interleave with the training collectives on the default group (torchtitan does the same).
+        self._async_group = None
+        if self.async_enabled and self._distributed:
+            self._async_group = dist.new_group(backend="gloo")
+        self._pending: tuple[Any, int, dict] | None = None  # (future, step, meta) of an async save
+
+    @property
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            dist.barrier()
+
+    # ----- queries -----------------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        steps = list_steps(self.folder)
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> Path:
+        return self.folder / step_dir_name(step)
+
+    # ----- save --------------------------------------------------------------------------------------------
+    def _meta(self, step: int, states: dict[str, Any]) -> dict:
+        config_toml = self.config_toml
+        if config_toml is None:
+            config_file = self.folder / "config.toml"
+            config_toml = config_file.read_text() if config_file.is_file() else ""
+        return {"format_version": FORMAT_VERSION, "step": step, "model_args": model_args_dict(states),
+                "world_size": self.world.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config_toml": config_toml}
+
+    def save(self, step: int, states: dict[str, Any], *, final: bool = False) -> None:
+        """Write `states` as step `step` (collective: every rank calls it with its own states).
+
+        Async mode returns once the state is staged in host memory; the folder becomes visible (renamed) at the
+        next save, `wait()` or `close()`. The final save is always synchronous.
+        """
+        self.wait()
+        tmp = self.folder / tmp_dir_name(step)
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".step-*.tmp"):  # leftovers of interrupted saves: never complete
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+        meta = self._meta(step, states)
+        dcp_states = _as_dcp_states(states)
+        if self.async_enabled and not final:
+            with _quiet_single_process():
+                future = dcp.async_save(dcp_states, checkpoint_id=str(tmp), process_group=self._async_group,
+                                        no_dist=not self._distributed)
+            self._pending = (future, step, meta)
+            return
+        with _quiet_single_process():
+            dcp.save(dcp_states, checkpoint_id=str(tmp), no_dist=not self._distributed)
+        self._finalize(step, meta)
+
+    def wait(self) -> None:
+        """Finish an in-flight async save (every rank), then publish it."""
+        if self._pending is None:
+            return
+        future, step, meta = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(step, meta)
+
+    def _finalize(self, step: int, meta: dict) -> None:
+        # Everyone has written their files once all ranks pass this barrier; only then is the rename safe.
+        self._barrier()
+        if self.is_main:
+            tmp, final_dir = self.folder / tmp_dir_name(step), self.step_dir(step)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if final_dir.exists():  # re-saving a step: move the old one aside first, so rename can succeed
+                replaced = self.folder / f".{step_dir_name(step)}.replaced"
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final_dir, replaced)
+                os.rename(tmp, final_dir)
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                os.rename(tmp, final_dir)
+            self._apply_retention(keep=step)
+        self._barrier()  # nobody looks for the checkpoint before it exists under its final name
+
+    def _apply_retention(self, keep: int) -> None:
+        k = self.cfg.keep_latest_k
+        if k <= 0:
+            return
+        steps = list_steps(self.folder)
+        for old in steps[:-k]:
+            if old != keep:
+                shutil.rmtree(self.step_dir(old), ignore_errors=True)
+                logger.info(f"checkpoint retention: removed {self.step_dir(old)} (keep_latest_k={k})")
+
+    # ----- load --------------------------------------------------------------------------------------------
+    def resolve_step(self, step: int | str) -> int:
+        if step == "latest":
+            latest = self.latest_step()
+            if latest is None:
+                raise UserError(f"checkpoint.resume_from_step = latest but {self.folder} holds no complete "
+                                "checkpoint; start without --checkpoint.resume_from_step, or point "
+                                "job.dump_folder / checkpoint.model_tag at the run to resume")
+            return latest
+        step = int(step)
+        step_dir = self.step_dir(step)
+        if not step_dir.is_dir():
+            available = list_steps(self.folder)
+            hint = (f"available steps: {', '.join(str(s) for s in available)}" if available
+                    else "there are no complete checkpoints there")
+            raise UserError(f"checkpoint step {step} not found: {step_dir} does not exist; {hint}")
+        if not (step_dir / DCP_METADATA_FILE).is_file():
+            raise UserError(f"checkpoint {step_dir} has no DCP {DCP_METADATA_FILE} file: it is incomplete or "
+                            "corrupt; resume from another step")
+        return step
+
+    def load(self, step: int | str, states: dict[str, Any]) -> int:
+        """Load step `step` ("latest" for the newest) into `states` in place; returns the step loaded.
+
+        Plain dict entries are filled in place (dict values replaced by the saved ones); modules and Stateful
+        objects get load_state_dict. Works on any world size, with or without a process group.
+        """
+        self.wait()
+        step = self.resolve_step(step)
+        step_dir = self.step_dir(step)
+        meta = read_meta(step_dir)
+        check_model_args(meta.get("model_args"), model_args_dict(states), step_dir)
+        try:
+            with _quiet_single_process():
+                dcp.load(_as_dcp_states(states), checkpoint_id=str(step_dir), planner=_WeightsOnlyLoadPlanner(),
+                         no_dist=not self._distributed)
+        except UserError:
+            raise
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP reports storage problems many ways
+            raise UserError(f"could not load checkpoint {step_dir}: {describe_failure(exc)} — it is corrupt, "
+                            "incomplete, or from another run layout; resume from another step") from exc
+        return step
+
+    def close(self) -> None:
+        self.wait()
+
+
+# ----- export: one safetensors file + config JSON, for inference and sharing -----------------------------------
+
+EXPORT_WEIGHTS_FILE = "model.safetensors"
+EXPORT_CONFIG_FILE = "config.json"
+EXPORT_FORMAT = "titanlite-gpt-v1"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def find_step_dir(path: Path, step: int | str = "latest") -> Path:
+    """`path` is a step folder itself, or a run folder from which `step` (a number or "latest") is picked."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.is_dir():
+        return path
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist; pass a run folder (outputs/<model_tag>) or one of its step-* folders")
+    steps = list_steps(path)
+    if step == "latest":
+        if not steps:
+            raise UserError(f"{path} holds no complete checkpoint (no step-*/ folder with .metadata and meta.json)")
+        return path / step_dir_name(steps[-1])
+    if int(step) not in steps:
+        raise UserError(f"checkpoint step {step} not found in {path}; available steps: "
+                        f"{', '.join(map(str, steps)) or 'none'}")
+    return path / step_dir_name(int(step))
+
+
+def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """DCP step folder -> `out_dir/model.safetensors` (full, unsharded) + `out_dir/config.json`.
+
+    Runs in a plain process, no process group: DCP reads every rank's shards and assembles full tensors.
+    """
+    from safetensors.torch import save_file
+
+    from titanlite.models.gpt.model import GPT, GPTArgs
+
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"export dtype {dtype!r} is not supported; use float32 or bfloat16")
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    if not meta.get("model_args"):
+        raise UserError(f"{step_dir}/{META_FILE} has no model_args: this checkpoint cannot be exported")
+    args = GPTArgs(**meta["model_args"])
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(args, attention_backend="auto"))
+    model.to_empty(device="cpu")
+    weights = get_model_state_dict(model)
+    try:
+        with _quiet_single_process():
+            dcp.load({"model": weights}, checkpoint_id=str(step_dir), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        raise UserError(f"could not read the model weights of {step_dir}: {describe_failure(exc)}") from exc
+    tensors = {name: t.detach().to(EXPORT_DTYPES[dtype]).contiguous() for name, t in weights.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / EXPORT_WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT, "step": str(meta["step"])})
+    config = {"format": EXPORT_FORMAT, "model_args": meta["model_args"], "step": meta["step"], "dtype": dtype,
+              "source": str(step_dir)}
+    (out_dir / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def load_exported(path: Path | str, device: torch.device | str = "cpu", attention_backend: str = "auto"):
+    """An exported folder (or its model.safetensors) -> a ready GPT in eval mode with fp32 master weights."""
+    from safetensors.torch import load_file
+
+    from titanlite.models.gpt.model import GPT, GPTArgs
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    config_file, weights_file = folder / EXPORT_CONFIG_FILE, folder / EXPORT_WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise UserError(f"{folder} is not an exported model: it needs {EXPORT_WEIGHTS_FILE} and {EXPORT_CONFIG_FILE} "
+                        "(write them with python -m scripts.export)")
+    config = json.loads(config_file.read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{config_file} has format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    args = dataclasses.replace(GPTArgs(**config["model_args"]), attention_backend=attention_backend)
+    with torch.device("meta"):
+        model = GPT(args)
+    model.to_empty(device=device)
+    tensors = load_file(str(weights_file), device=str(device))
+    model.load_state_dict({name: t.float() for name, t in tensors.items()}, strict=True)
+    model.init_buffers()
+    return model.eval()

@@ -1,0 +1,59 @@
+"""Device choice (`training.device_type`) and the one-line out-of-memory advice."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from titanlite.errors import UserError
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def resolve_device_type(requested: str) -> str:
+    """'' or 'auto' picks cuda > mps > cpu; an explicit device that is not there is an error, not a fallback."""
+    if requested in ("", "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("training.device_type = 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is "
+                        "False); use --training.device_type=cpu, or install a CUDA build of torch")
+    if requested == "mps" and not _mps_available():
+        raise UserError("training.device_type = 'mps' but the Apple MPS backend is not available here; "
+                        "use --training.device_type=cpu")
+    return requested
+
+
+def device_for_rank(device_type: str, local_rank: int) -> torch.device:
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device_type)
+
+
+def prepare_backend(device_type: str) -> None:
+    """Allocator and matmul settings the recipe relies on; set before the first CUDA allocation."""
+    if device_type == "cuda":
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
+                                              or "can't allocate memory" in str(exc).lower())
+
+
+def out_of_memory_message(device_batch_size: int, device: torch.device) -> str:
+    smaller = 1 << max(0, (device_batch_size - 1).bit_length() - 1)  # next power of two below
+    if smaller >= device_batch_size:
+        smaller = device_batch_size // 2
+    advice = (f"reduce it, e.g. --training.device_batch_size={smaller} (the total batch is kept by gradient "
+              f"accumulation)" if smaller >= 1 else "use a smaller model (--model.depth) or a shorter context")
+    return f"out of memory on {device} at training.device_batch_size={device_batch_size}: {advice}"
