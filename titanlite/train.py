@@ -77,6 +77,7 @@ class Trainer:
         self._build_optimizers()
         self._build_loaders()
         self.state = TrainState()
+        self.loss_history: list[tuple[int, float]] = []  # (step, global mean loss) of every logged step
         from titanlite.checkpoint import CheckpointManager
 
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, world)
@@ -227,7 +228,7 @@ class Trainer:
         return step_loss / global_tokens
 
     def _global_loss(self, local_mean: torch.Tensor) -> float:
-        return float(self.world.all_reduce_sum(local_mean).item())
+        return float(self.world.all_reduce_sum(local_mean.clone()).item())  # clone: all_reduce works in place
 
     def _check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
@@ -304,7 +305,9 @@ class Trainer:
             if log_now:
                 self._check_finite(self._global_loss(unchecked_loss), step)
                 unchecked_loss = None
-                self._log_step(state.step, self._global_loss(local_loss), dt)
+                loss = self._global_loss(local_loss)
+                self.loss_history.append((state.step, loss))
+                self._log_step(state.step, loss, dt)
         return self._finish()
 
     def _synchronize(self) -> None:
