@@ -40,6 +40,8 @@ def _worker(rank: int, world_size: int, store_path: str, fn, args, results) -> N
     except BaseException:  # noqa: BLE001 - the parent needs every failure, with its traceback
         results.put((rank, "error", traceback.format_exc()))
         exit_code = 1
+    results.close()
+    results.join_thread()  # flush the queue's feeder thread: os._exit below would drop a half-sent result
     try:
         if dist.is_initialized():
             if exit_code == 0:
