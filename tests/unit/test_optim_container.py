@@ -88,3 +88,8 @@ def test_rejects_unknown_and_duplicated_groups():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="more than one"):
         build_optimizers({"wte": [p], "matrices": [p]}, OptimizerConfig(), _plan())
+
+
+def test_muon_keeps_fp32_orthogonalisation_on_cpu_even_for_bf16_compute():
+    opt = build_optimizers(_param_groups(), OptimizerConfig(), _plan(), compute_dtype=torch.bfloat16)
+    assert opt.muon.compute_dtype == torch.float32  # CPU bf16 bmm is far slower than fp32
