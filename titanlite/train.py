@@ -7,6 +7,7 @@ gets only its own config section.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -157,10 +158,17 @@ class Trainer:
         return self.state.step
 
     # ---- evaluation -------------------------------------------------------------------------------------
-    def _eval_context(self):
+    @contextlib.contextmanager
+    def _eval_context(self, eager: bool = False):
+        """Float8 layers run in bf16 for evaluation; `eager` also bypasses compiled blocks (KV-cache decoding
+        changes shapes every token, which would only churn through recompilations)."""
         from titanlite.float8 import bf16_eval
 
-        return bf16_eval(self.model)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(bf16_eval(self.model))
+            if eager:
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            yield
 
     def evaluate_val_bpb(self, step: int) -> None:
         from titanlite.eval.bpb import evaluate_bpb
@@ -186,7 +194,7 @@ class Trainer:
                         f"scripts/download_eval_bundle.py or scripts/prepare_core_offline.py)")
             return
         self.model.eval()
-        with self._eval_context():
+        with self._eval_context(eager=True):
             result = evaluate_core(self.model, self.tokenizer, bundle, self.config.eval.core_metric_max_per_task,
                                    device=self.device, rank=self.world.rank, world_size=self.world.world_size,
                                    max_seq_len=self.plan.seq_len)
@@ -201,7 +209,7 @@ class Trainer:
         from titanlite.eval.samples import sample_completions
 
         self.model.eval()
-        with self._eval_context():
+        with self._eval_context(eager=True):
             completions = sample_completions(self.model, self.tokenizer)
         self.model.train()
         for text in completions:

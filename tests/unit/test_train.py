@@ -234,10 +234,11 @@ def test_base_eval_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_trainer_runs_with_compile_and_float8_emulation(tmp_path, captured):
-    config = _config(tmp_path, "--training.num_iterations=2", "--eval.eval_every=2", "--eval.sample_every=-1",
+    config = _config(tmp_path, "--training.num_iterations=2", "--eval.eval_every=2", "--eval.sample_every=2",
                      "--compile.enabled=true", "--float8.enabled=true", "--float8.emulate=true",
                      "--model.aspect_ratio=64", "--model.head_dim=64")
     assert train.run_training(config) == 0
     text = "\n".join(captured)
     assert "step 00002/00002" in text and "validation bpb" in text
     assert "float8" in text.lower()
+    assert sum(line.startswith("  sample: ") for line in captured) == 7  # KV-cache decoding bypasses compile
