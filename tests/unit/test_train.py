@@ -242,3 +242,24 @@ def test_trainer_runs_with_compile_and_float8_emulation(tmp_path, captured):
     assert "step 00002/00002" in text and "validation bpb" in text
     assert "float8" in text.lower()
     assert sum(line.startswith("  sample: ") for line in captured) == 7  # KV-cache decoding bypasses compile
+
+
+def test_wandb_run_without_wandb_installed_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from titanlite.config import load_config as load
+    from titanlite.metrics import MetricsLogger
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    metrics_cfg = load(["--metrics.run=myrun", "--metrics.tensorboard=false"]).metrics
+    with pytest.raises(UserError, match=r"metrics.run is 'myrun' but wandb is not installed: pip install "
+                                        r"'titanlite\[wandb\]', or use --metrics.run=dummy"):
+        MetricsLogger(metrics_cfg, tmp_path, {}, enabled=True)
+    MetricsLogger(metrics_cfg, tmp_path, {}, enabled=False)  # other ranks never touch W&B
