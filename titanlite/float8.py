@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import types
 from collections.abc import Iterator
 
@@ -95,11 +96,12 @@ def _high_precision_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def float8_modules(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torchao.float8.float8_linear import Float8Linear
-    except ImportError:  # torchao missing: nothing can have been converted
+    # If torchao's float8 module was never imported, nothing can have been converted: don't import it (and
+    # its CUDA-kernel loading noise) just to find that out.
+    float8_linear = sys.modules.get("torchao.float8.float8_linear")
+    if float8_linear is None:
         return []
-    return [m for m in model.modules() if isinstance(m, Float8Linear)]
+    return [m for m in model.modules() if isinstance(m, float8_linear.Float8Linear)]
 
 
 @contextlib.contextmanager
