@@ -9,14 +9,6 @@ from titanlite.attention import attention, backend_available, select_attention_b
 from titanlite.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the math (and a shared CI box is noisy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def naive(q, k, v, window):
     """softmax(q k^T / sqrt(D)) v in float64 with keys j: i - window <= j <= i (queries = last Tq positions)."""

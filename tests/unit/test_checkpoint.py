@@ -19,13 +19,6 @@ WORLD = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
                   dp_replicate=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def trained(seed: int, args: GPTArgs = ARGS):
     """A model + AdamW after one step (so the optimizer has state), and a train state."""

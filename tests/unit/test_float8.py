@@ -25,13 +25,6 @@ CPU_WORLD = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("c
                       dp_replicate=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def plain_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)

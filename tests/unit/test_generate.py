@@ -7,14 +7,6 @@ from titanlite.models.gpt.generate import KVCache, generate
 from titanlite.models.gpt.model import GPT, GPTArgs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the math (and a shared CI box is noisy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # sequence_len 512 -> short window 128; prompts + generations run past it, so the cached S layers must slide
 ARGS = GPTArgs(n_layer=3, n_embd=64, n_head=2, n_kv_head=1, head_dim=32, vocab_size=200, sequence_len=512,
                window_pattern="SSL", attention_backend="sdpa")

@@ -13,14 +13,6 @@ from titanlite.precision import resolve_compute_dtype
 from titanlite.scaling import model_dims
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the math (and a shared CI box is noisy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def build(args: GPTArgs, seed: int = 0) -> GPT:
     torch.manual_seed(seed)

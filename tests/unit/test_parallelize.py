@@ -18,13 +18,6 @@ CPU_WORLD = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("c
 NO_COMPILE = CompileConfig(enabled="false")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def meta_model(args: GPTArgs = ARGS) -> GPT:
     with torch.device("meta"):

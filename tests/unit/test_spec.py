@@ -16,14 +16,6 @@ from titanlite.scaling import Plan, derive_plan
 from titanlite.spec import TrainSpec, get_train_spec, register_train_spec, registered_names
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the math (and a shared CI box is noisy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @dataclass
 class ToyArgs:

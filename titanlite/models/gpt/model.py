@@ -129,6 +129,102 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+# ---- fused head: softcap + cross-entropy in row chunks -------------------------------------------------------
+# The plain head materialises (tokens, vocab) fp32 logits several times over (matmul output, /c, tanh, *c,
+# log-softmax, and as many tensors again in backward): at d4/T512/vocab 8192 that is 128 MiB per pass and about a
+# quarter of a CPU step spent streaming memory. Here each chunk of rows goes matmul -> softcap -> logsumexp ->
+# gradient while it is still in cache, and the gradient of the loss w.r.t. the head's input and weight is formed
+# right away (the loss is a scalar, so backward only rescales it by grad_output). Same math, same matmul FLOPs.
+# logits per chunk: on CPU 8 MiB of fp32 (256 rows at vocab 8192): smaller chunks starve the matmuls (the head's
+# weight-gradient matmul has the chunk's rows as its inner dimension), larger ones fall out of the cache
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+
+
+def _head_chunk_rows(vocab: int, device_type: str) -> int:
+    return max(1, HEAD_CHUNK_ELEMENTS.get(device_type, 1 << 24) // vocab)
+
+
+def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool):
+    """(loss per row with ignore_index -1 -> 0, fp32 grad of the logits or None) for one chunk of rows."""
+    valid = (tgt >= 0).to(torch.float32)
+    tgt = tgt.clamp_min(0).unsqueeze(1)
+    capped = torch.mm(x_c, w_v.t()).float()
+    tanh = capped.div_(softcap).tanh_()          # t = tanh(l / c), kept for dz/dl = 1 - t^2
+    z = tanh * softcap
+    lse = torch.logsumexp(z, dim=1)
+    loss = (lse - z.gather(1, tgt).squeeze(1)) * valid
+    if not want_grad:
+        return loss, None
+    grad = z.sub_(lse.unsqueeze(1)).exp_()       # softmax
+    grad.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=grad.dtype))
+    grad.addcmul_(grad, tanh.square_(), value=-1.0)  # x (1 - t^2): through the softcap
+    grad.mul_(valid.unsqueeze(1))
+    return loss, grad
+
+
+class _FusedSoftcapCrossEntropy(torch.autograd.Function):
+    """Summed loss over rows; forward also produces d(sum)/dx and d(sum)/dW (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap: float, vocab_size: int, chunk_rows: int):
+        n_rows = x.size(0)
+        w_v = weight[:vocab_size]
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w_v = grad_w[:vocab_size]
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, n_rows, chunk_rows):
+            x_c, tgt = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True)
+            total += loss.sum()
+            grad = grad.to(x.dtype)
+            torch.mm(grad, w_v, out=grad_x[start:start + chunk_rows])
+            if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
+                grad_w_v.addmm_(grad.t(), x_c)
+            else:
+                grad_w_v.add_(torch.mm(grad.t(), x_c))
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
+                             vocab_size: int, reduction: str = "mean") -> torch.Tensor:
+    """CE of softcap(x @ weight[:vocab].T) against targets (ignore_index -1), reduction "sum" or "mean"."""
+    x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk_rows = _head_chunk_rows(vocab_size, x.device.type)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        total = _FusedSoftcapCrossEntropy.apply(x2, weight, t2, softcap, vocab_size, chunk_rows)
+    else:
+        total = sum(_softcap_ce_chunk(x2[s:s + chunk_rows], weight[:vocab_size], t2[s:s + chunk_rows], softcap,
+                                      want_grad=False)[0].sum() for s in range(0, x2.size(0), chunk_rows))
+    if reduction == "sum":
+        return total
+    return total / (t2 >= 0).sum()  # mean over non-ignored tokens, like F.cross_entropy (no host sync)
+
+
+class Unembedding(Linear):
+    """lm_head: plain logits when called with x alone; with targets, the fused softcap + CE above.
+
+    The loss goes through the module call (not a free function on its weight) so FSDP's pre-forward hook has
+    gathered the weight and its post-backward hook sees the gradient.
+    """
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, softcap: float = 15.0,
+                vocab_size: int | None = None, reduction: str = "mean") -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return softcapped_cross_entropy(x, self.weight.to(x.dtype), targets, softcap,
+                                        vocab_size or self.out_features, reduction)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, args: GPTArgs, layer_idx: int, window: int):
         super().__init__()
@@ -191,7 +287,7 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
                                            for i in range(L) if has_value_embedding(i, L)})
         self.blocks = nn.ModuleList([Block(args, i, w) for i, w in enumerate(self.windows)])
-        self.lm_head = Linear(C, V)
+        self.lm_head = Unembedding(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
@@ -309,6 +405,9 @@ class GPT(nn.Module):
         return c * torch.tanh(logits / c)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if reduction in ("sum", "mean") and isinstance(self.lm_head, Unembedding):  # not after a float8 swap
+            return self.lm_head(x, targets=targets, softcap=self.args.softcap, vocab_size=self.args.vocab_size,
+                                reduction=reduction)
         logits = self.logits(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
