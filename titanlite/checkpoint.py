@@ -366,7 +366,8 @@ def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> 
     tensors = {name: t.detach().to(EXPORT_DTYPES[dtype]).contiguous() for name, t in weights.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / EXPORT_WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT, "step": str(meta["step"])})
+    save_file(tensors, str(out_dir / EXPORT_WEIGHTS_FILE),
+              metadata={"format": EXPORT_FORMAT, "step": str(meta["step"])})
     config = {"format": EXPORT_FORMAT, "model_args": meta["model_args"], "step": meta["step"], "dtype": dtype,
               "source": str(step_dir)}
     (out_dir / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))

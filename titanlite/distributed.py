@@ -154,9 +154,11 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 def teardown_distributed(exit_code: int = 0) -> None:
     """End the process group in the order that avoids gloo's exit-time SIGABRT (cpu_env.md §4.1).
 
-    For a group this module created (torchrun workers): barrier (only on success: a failed rank must not
-    wait for peers that may never come) -> destroy -> flush -> os._exit(exit_code). A group created by someone
-    else (a test harness) is only destroyed, and the process is left running.
+    For a group this module created (torchrun workers) after a successful run: barrier -> destroy -> flush ->
+    os._exit(0), so nothing after this call runs. After a failure (exit_code != 0) it returns without touching
+    the group: peers may be stuck in a collective (a barrier or destroy could hang), the caller still has an
+    error to print, and torchrun stops the other workers once this one exits non-zero. A group created by
+    someone else (a test harness) is only destroyed, and the process is left running.
     """
     global _OWNS_PROCESS_GROUP
     if not _initialized():
@@ -164,12 +166,13 @@ def teardown_distributed(exit_code: int = 0) -> None:
     if not _OWNS_PROCESS_GROUP:
         dist.destroy_process_group()
         return
+    if exit_code != 0:
+        return
     try:
-        if exit_code == 0:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()
     finally:
         _OWNS_PROCESS_GROUP = False
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(exit_code)
+        os._exit(0)

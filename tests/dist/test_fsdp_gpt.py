@@ -1,6 +1,6 @@
 """FSDP2 GPT on 2 gloo ranks vs 1 plain process, and DCP checkpoints resharded 2 -> 1 and 1 -> 2.
 
-One module-scoped fixture runs everything (one 2-process spawn):
+One module-scoped fixture runs everything (one 2-process spawn; the 2 ranks also check a 2-D HSDP mesh):
   1 process : parallelize_gpt (no mesh) + the project's Muon/AdamW container, 10 steps, checkpoint after step 5
               with both data streams' states in one process
   2 ranks   : parallelize_gpt (FSDP2), same global batch split by rows, 10 steps, checkpoint after step 5 with
@@ -76,7 +76,8 @@ def train_steps(model, optimizers, world, first: int, last: int) -> list[float]:
     losses = []
     for step in range(first, last + 1):
         inputs, targets = global_batch(step)
-        inputs, targets = inputs[world.rank * rows:(world.rank + 1) * rows], targets[world.rank * rows:(world.rank + 1) * rows]
+        mine = slice(world.rank * rows, (world.rank + 1) * rows)
+        inputs, targets = inputs[mine], targets[mine]
         optimizers.zero_grad()
         loss = model(inputs, targets, loss_reduction="sum") / GLOBAL_TOKENS
         loss.backward()
@@ -116,7 +117,14 @@ def _two_ranks(rank, world_size, single_dir, fsdp_dir):
     assert CheckpointManager(CheckpointConfig(), single_dir, world).load("latest", st) == SAVE_AT
     loaded_params = full_params(model)
     resumed = train_steps(model, optimizers, world, SAVE_AT + 1, STEPS)
-    return {"losses": losses, "saved": saved_params, "loaded": loaded_params, "resumed": resumed,
+
+    # HSDP layout: replicate over 2, shard over 1 (a 2-D mesh); same first steps
+    hsdp = init_distributed(ParallelismConfig(dp_replicate=2), "cpu")
+    model, optimizers = build(hsdp)
+    placements = str(model.blocks[0].attn.c_q.weight.placements)
+    hsdp_losses = train_steps(model, optimizers, hsdp, 1, 4)
+    return {"losses": losses, "saved": saved_params, "hsdp": (placements, hsdp_losses), "loaded": loaded_params,
+            "resumed": resumed,
             "stream": st["dataloader"], "train_step": st["train_state"].step}
 
 
@@ -149,7 +157,8 @@ def runs(tmp_path_factory, monkeypatch_module):
     finally:
         torch.set_num_threads(threads)
     exported = full_params(load_exported(export_checkpoint(fsdp_dir / "step-000005", root / "export")))
-    return SimpleNamespace(exported=exported, losses=losses, single_saved=single_saved, two=two, loaded=loaded, resumed=resumed,
+    return SimpleNamespace(exported=exported, losses=losses, single_saved=single_saved, two=two, loaded=loaded,
+                           resumed=resumed,
                            streams=st["dataloader"])
 
 
@@ -165,6 +174,12 @@ def test_two_ranks_follow_the_single_process_loss_curve(runs):
     for rank in (0, 1):
         torch.testing.assert_close(torch.tensor(runs.two[rank]["losses"]), torch.tensor(runs.losses),
                                    rtol=1e-4, atol=0)
+
+
+def test_hsdp_mesh_follows_the_same_curve(runs):
+    placements, losses = runs.two[0]["hsdp"]
+    assert placements == "(Replicate(), Shard(dim=0))"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs.losses[:4]), rtol=1e-4, atol=0)
 
 
 def test_checkpoint_from_two_ranks_loads_in_one_process(runs):
