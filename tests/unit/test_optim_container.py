@@ -46,6 +46,13 @@ def test_adam_betas_from_config_reach_only_embedding_groups():
     assert adam["x0_lambdas"]["betas"] == (0.96, 0.95) and adam["smear"]["betas"] == (0.8, 0.95)
 
 
+def test_per_group_beta2_keys_reproduce_the_recipe():
+    cfg = OptimizerConfig(adam_beta1=0.8, adam_beta2=0.95, unembedding_beta2=0.96, embedding_beta2=0.995)
+    adam = {g["name"]: g for g in build_optimizers(_param_groups(), cfg, _plan()).adamw.param_groups}
+    assert adam["lm_head"]["betas"] == (0.8, 0.96)
+    assert adam["wte"]["betas"] == adam["value_embeds"]["betas"] == (0.8, 0.995)
+
+
 def test_step_applies_schedule_to_every_group():
     sched = LRSchedulerConfig(warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, momentum_warmup_steps=4)
     groups = _param_groups()

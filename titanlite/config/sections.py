@@ -69,6 +69,8 @@ class OptimizerConfig:
     weight_decay: float = opt(0.2, "Muon weight decay before scaling", seed="--weight-decay")
     adam_beta1: float = opt(0.8, "AdamW beta1 of the embedding-type groups", seed="--adam-beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2 of the embedding-type groups", seed="--adam-beta2")
+    unembedding_beta2: float = opt(-1.0, "lm_head AdamW beta2 (-1: adam_beta2; the recipe uses 0.96)")
+    embedding_beta2: float = opt(-1.0, "wte and value-embedding AdamW beta2 (-1: adam_beta2; the recipe uses 0.995)")
     muon_beta2: float = opt(0.9, "NorMuon second-moment decay")
     muon_ns_steps: int = opt(5, "Polar Express iterations")
 

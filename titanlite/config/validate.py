@@ -51,6 +51,9 @@ def validate(config) -> None:
     for name in ("adam_beta1", "adam_beta2", "muon_beta2"):
         value = getattr(o, name)
         _require(0.0 <= value < 1.0, f"optimizer.{name} must be in [0, 1), got {value}")
+    for name in ("unembedding_beta2", "embedding_beta2"):
+        value = getattr(o, name)
+        _require(value == -1 or 0.0 <= value < 1.0, f"optimizer.{name} must be in [0, 1) or -1, got {value}")
     _positive("optimizer.muon_ns_steps", o.muon_ns_steps)
 
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac", "momentum_start", "momentum_peak",

@@ -1,9 +1,10 @@
 """build_optimizers: the recipe's six AdamW groups + Muon shape groups, LRs scaled per recipe §2.6 / §3.1.
 
 | group          | LR                                          | betas                    | wd    |
-| lm_head        | unembedding_lr * batch_scale * width_scale  | (adam_beta1, adam_beta2) | 0.01  |
-| wte            | embedding_lr * batch_scale * width_scale    | (adam_beta1, adam_beta2) | 0.001 |
-| value_embeds   | embedding_lr * batch_scale * width_scale / 2| (adam_beta1, adam_beta2) | 0.01  |
+| lm_head        | unembedding_lr * batch_scale * width_scale  | (adam_beta1, unembedding_beta2) | 0.01 |
+| wte            | embedding_lr * batch_scale * width_scale    | (adam_beta1, embedding_beta2) | 0.001 |
+| value_embeds   | embedding_lr * batch_scale * width_scale / 2| (adam_beta1, embedding_beta2) | 0.01  |
+(unembedding_beta2 / embedding_beta2 = -1 fall back to adam_beta2.)
 | resid_lambdas  | scalar_lr * batch_scale * 0.01              | (0.8, 0.95)              | 0.05  |
 | x0_lambdas     | scalar_lr * batch_scale                     | (0.96, 0.95)             | 0.0   |
 | smear          | 0.2 (fixed: no batch or width scaling)      | (0.8, 0.95)              | 0.0   |
@@ -31,9 +32,14 @@ SMEAR_LR = 0.2
 def adamw_group_settings(optimizer_cfg, plan_like) -> dict[str, dict]:
     """LR, betas and weight decay of each AdamW group."""
     cfg, bls, dms = optimizer_cfg, plan_like.batch_lr_scale, plan_like.width_lr_scale
-    embedding_betas = (cfg.adam_beta1, cfg.adam_beta2)
+    # The seed's adam_beta2 sets all three embedding-type groups; the optional per-group keys reproduce the
+    # later recipe (lm_head 0.96, wte/VE 0.995) in the shipped configs.
+    unembedding_beta2 = cfg.adam_beta2 if cfg.unembedding_beta2 < 0 else cfg.unembedding_beta2
+    embedding_beta2 = cfg.adam_beta2 if cfg.embedding_beta2 < 0 else cfg.embedding_beta2
+    embedding_betas = (cfg.adam_beta1, embedding_beta2)
     return {
-        "lm_head": dict(lr=cfg.unembedding_lr * bls * dms, betas=embedding_betas, weight_decay=0.01),
+        "lm_head": dict(lr=cfg.unembedding_lr * bls * dms, betas=(cfg.adam_beta1, unembedding_beta2),
+                        weight_decay=0.01),
         "wte": dict(lr=cfg.embedding_lr * bls * dms, betas=embedding_betas, weight_decay=0.001),
         "value_embeds": dict(lr=cfg.embedding_lr * bls * dms * 0.5, betas=embedding_betas, weight_decay=0.01),
         "resid_lambdas": dict(lr=cfg.scalar_lr * bls * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
