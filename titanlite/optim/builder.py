@@ -83,7 +83,7 @@ def build_optimizers(param_groups: dict[str, list[torch.nn.Parameter]], optimize
     if matrices:
         if matrices[0].device.type != "cuda":
             # bf16 *batched* matmuls (bmm/baddbmm) run 15-50x slower than fp32 on CPU (measured, torch 2.13,
-            # avx512_bf16), unlike 2-D ones; the reference orthogonalises in bf16 on CUDA only as well.
+            # on this project's CPU machines), unlike 2-D ones; the reference orthogonalises in bf16 on CUDA only too.
             compute_dtype = torch.float32
         muon = Muon(matrices, lr=optimizer_cfg.matrix_lr * plan_like.batch_lr_scale,
                     momentum=lr_scheduler_cfg.momentum_start, weight_decay=plan_like.weight_decay_scaled,
