@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _load_model(run_dir: Path, step_arg: str, args, world):
     from titanlite.attention import select_attention_backend
     from titanlite.checkpoint import CheckpointManager, read_meta
-    from titanlite.config import build_config
+    from titanlite.config import build_config, config_from_toml_text
     from titanlite.models.gpt.parallelize import materialize
     from titanlite.precision import resolve_compute_dtype
     from titanlite.scaling import derive_plan
@@ -50,7 +49,7 @@ def _load_model(run_dir: Path, step_arg: str, args, world):
     meta = read_meta(probe.step_dir(step))
     if not meta.get("config_toml"):
         raise UserError(f"{probe.step_dir(step)}/meta.json holds no config; cannot rebuild the model")
-    config = build_config(tomllib.loads(meta["config_toml"]), [])
+    config = config_from_toml_text(meta["config_toml"])
     dbs = args.device_batch_size or config.training.device_batch_size
     training = dataclasses.replace(config.training, device_batch_size=dbs, num_iterations=1,
                                    total_batch_size=dbs * config.model.max_seq_len * world.world_size)

@@ -8,6 +8,7 @@ gets only its own config section.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -73,8 +74,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
-        self.metrics = MetricsLogger(cfg.metrics, self.run_dir, json.loads(json.dumps(_config_dict(cfg))),
-                                     enabled=self.is_main)
+        self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dataclasses.asdict(cfg), enabled=self.is_main)
         self._build_optimizers()
         self._build_loaders()
         self.state = TrainState()
@@ -352,7 +352,7 @@ class Trainer:
         if not math.isnan(state.last_core):
             logger.info(f"Final CORE: {state.last_core:.4f}")
         summary = {
-            "config": _config_dict(self.config),
+            "config": dataclasses.asdict(self.config),
             "plan": {k: v for k, v in vars(plan).items() if isinstance(v, (int, float, str, dict, tuple))},
             "final_val_bpb": _finite_or_none(state.last_val_bpb),
             "best_val_bpb": _finite_or_none(state.min_val_bpb),
@@ -380,11 +380,6 @@ class Trainer:
 def _finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
-
-def _config_dict(config) -> dict:
-    import tomllib
-
-    return tomllib.loads(config_to_toml(config))
 
 
 def dry_run(config) -> int:

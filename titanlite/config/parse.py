@@ -76,8 +76,7 @@ def _check_key(section: str, key: str, origin: str) -> dataclasses.Field:
 
 def coerce(section: str, f: dataclasses.Field, value: Any, origin: str) -> Any:
     """Convert a TOML value or a command-line string to the field's type, or fail naming the expected type."""
-    tp = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "bool": bool, "str": str}.get(
-        f.type, list)
+    tp = f.type  # sections.py has no postponed annotations: these are real types (int, ..., list[str])
     key = f"{section}.{f.name}"
     from_cli = isinstance(value, str) and origin == "from the command line"
 
@@ -155,7 +154,7 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str, str | None]]:
 def _apply(values: dict[str, dict[str, Any]], section: str, key: str, raw: Any, origin: str) -> None:
     f = _check_key(section, key, origin)
     if raw is None:  # bare flag
-        if f.type not in (bool, "bool"):
+        if f.type is not bool:
             raise ConfigError(f"--{section}.{key} needs a value ({origin})")
         raw = "true"
     value = coerce(section, f, raw, origin)
@@ -191,6 +190,15 @@ def build_config(toml_data: dict[str, Any] | None, overrides: list[tuple[str, st
     config = JobConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     validate(config)
     return config
+
+
+def config_from_toml_text(text: str) -> JobConfig:
+    """A config written by `config_to_toml` (run folders, checkpoint meta.json), loaded back."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"stored config is not valid TOML: {exc}") from None
+    return build_config(data, [], "in the stored config")
 
 
 def load_config(argv: list[str]) -> JobConfig:
