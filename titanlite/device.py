@@ -41,6 +41,31 @@ def prepare_backend(device_type: str) -> None:
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device_type == "cpu":
+        keep_cpu_allocations_mapped()
+
+
+# glibc hands every allocation above its mmap threshold straight back to the kernel on free, so each training
+# step page-faults its activations in again (measured on the debug config: 20k faults, 80 MB, per step and about
+# 4% of it). 32 MiB is the largest threshold glibc accepts; a large trim threshold keeps the freed heap top.
+CPU_MMAP_THRESHOLD = 32 << 20
+CPU_TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_cpu_allocations_mapped() -> bool:
+    """Tune glibc malloc for step-after-step tensors of the same sizes; True if applied. No-op off glibc, and
+    when the user set MALLOC_MMAP_THRESHOLD_ themselves."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, CPU_TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -22,6 +22,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from titanlite.attention import uses_banded_sdpa
 from titanlite.models.gpt.model import HEAD_CHUNK_ELEMENTS, has_value_embedding
 
 GIB = 2 ** 30
@@ -77,6 +78,17 @@ def saved_per_token_per_layer(n_embd: int, q_dim: int, kv_dim: int, value_embedd
     return attention + mlp
 
 
+def banded_extra_per_token(seq_len: int, window: int, q_dim: int, kv_dim: int) -> float:
+    """Extra elements per token a sliding-window layer keeps when SDPA runs it as banded query blocks
+    (titanlite.attention): the blocked copy of q, the (2 window)-row key and value bands, and the two output
+    pieces next to their concatenation. 0 where the layer runs causal or masked instead."""
+    if window >= seq_len - 1 or not uses_banded_sdpa(seq_len, window):
+        return 0.0
+    blocks = -(-seq_len // window)
+    rest = (blocks - 1) * window / seq_len  # share of the rows outside the first block
+    return rest * q_dim + 2 * 2 * rest * kv_dim + q_dim
+
+
 def _fp32_small_per_token_per_layer(n_head: int, n_kv_head: int) -> int:
     """fp32 statistics kept per token: rms_norm's rstd (2 block norms + per-head QK norms) and SDPA's logsumexp."""
     return FP32 * (2 + n_head + n_kv_head + n_head)
@@ -96,6 +108,8 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
         if i in checkpointed:  # only the block's inputs survive: mixed residual, the previous output, ve rows
             per_layer.append((2 * C + (kv_dim if ve else 0)) * compute_bytes)
         else:
+            if device_type == "cpu":  # CPU attention is SDPA: windows go through banded query blocks
+                full += banded_extra_per_token(plan.seq_len, plan.window_sizes[i], q_dim, kv_dim) * compute_bytes
             per_layer.append(full)
     # embedding -> norm -> smear (x0) at the bottom, backout + final norm at the top
     ends = 5 * C * compute_bytes
@@ -104,7 +118,7 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
         # transient at the end of forward: a few (chunk, vocab) fp32 buffers, whatever the token count
         head_saved, head_weight_grad = C * compute_bytes, plan.padded_vocab * C * FP32
         chunk = min(HEAD_CHUNK_ELEMENTS.get(device_type, 1 << 24), tokens * plan.padded_vocab)
-        forward_transient, backward_head = 3 * chunk * FP32, 0
+        forward_transient, backward_head = 2 * chunk * FP32, 0  # tanh and exp(z - c), reused for the gradient
     else:
         # saved: fp32 tanh and log-softmax outputs; transient: matmul output + its fp32 copy, then in backward
         # the two fp32 gradients of the logits
@@ -114,9 +128,15 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
     saved = tokens * (sum(per_layer) + ends + head_saved) + head_weight_grad
     # backward: a checkpointed block is recomputed in full while it is differentiated, next to the gradients
     # of the largest activations of the block at hand (two MLP-hidden-sized tensors)
-    recompute = max((saved_per_token_per_layer(C, q_dim, kv_dim, True, compiled) * compute_bytes
-                     for i in checkpointed), default=0)
-    working = 2 * 4 * C * compute_bytes
+    # Eager: measured with the fused relu^2 / RoPE autograd functions (d4, C=128, full AC: 30.6 MB peak), a
+    # recomputed block's backward adds about 12 C per token over the saved inputs, far below its 20 C of saved
+    # tensors (non-reentrant checkpointing releases each recomputed tensor once backward has used it).
+    if compiled:
+        recompute = max((saved_per_token_per_layer(C, q_dim, kv_dim, True, compiled) * compute_bytes
+                         for i in checkpointed), default=0)
+        working = 2 * 4 * C * compute_bytes
+    else:
+        recompute, working = (12 * C * compute_bytes if checkpointed else 0), 0
     backward_peak = saved + max(tokens * (recompute + working), backward_head)
     # the peak is the larger of "end of forward" and "inside backward"
     return max(saved + forward_transient, backward_peak)

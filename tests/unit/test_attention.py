@@ -36,7 +36,10 @@ def inputs(b=2, t_q=40, t_k=40, h=4, h_kv=4, d=16, dtype=torch.float32, device="
 
 CASES = [  # (t_q, t_k, h_kv, window)
     (40, 40, 4, 40),   # full causal (window >= T)
-    (40, 40, 4, 7),    # sliding window: 8 keys per query
+    (40, 40, 4, 7),    # sliding window: 8 keys per query (small: explicit mask)
+    (40, 40, 4, 16),   # banded query blocks, T not a multiple of the window (padded end)
+    (64, 64, 2, 16),   # banded with GQA, 4 whole blocks
+    (48, 48, 1, 24),   # banded, band = the whole sequence (2 blocks), multi-query
     (40, 40, 2, 0),    # only itself, with GQA
     (5, 40, 4, 7),     # KV cache: 5 new queries at positions 35..39
     (1, 40, 2, 10),    # one decoding query, window respected (11 keys)

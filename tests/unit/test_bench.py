@@ -38,3 +38,7 @@ def test_bench_smoke_json_has_every_field(tmp_path):
         prof = v["profile"]
         assert prof["matmul_s"] > 0 and 0 < prof["non_matmul_share"] < 1 and prof["top_ops"]
     assert report["variants"][1]["overrides"] == ["--model.window_pattern=L"]
+    # one MFU denominator for all variants: the best machine peak any of them measured
+    assert len({v["peak_flops"] for v in report["variants"]}) == 1
+    best = max(sum(max(m["fp32"] for m in rank) for rank in v["peaks_measured"]) for v in report["variants"])
+    assert report["variants"][0]["peak_flops"] == best

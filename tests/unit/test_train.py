@@ -263,3 +263,31 @@ def test_wandb_run_without_wandb_installed_is_a_clear_error(tmp_path, monkeypatc
                                         r"'titanlite\[wandb\]', or use --metrics.run=dummy"):
         MetricsLogger(metrics_cfg, tmp_path, {}, enabled=True)
     MetricsLogger(metrics_cfg, tmp_path, {}, enabled=False)  # other ranks never touch W&B
+
+
+def test_host_reads_of_tensors_happen_only_on_logging_steps(tmp_path, monkeypatch):
+    """On a GPU every .item()/float()/bool() of a device tensor stalls the queue: the loop must read values only
+    on logging (and checking) steps. The data loader works on host tensors before the copy, so it is exempt."""
+    import sys
+
+    trainer = train.Trainer(_config(tmp_path, "--metrics.log_every=4", "--training.num_iterations=8",
+                                    "--eval.eval_every=-1", "--eval.sample_every=-1", "--checkpoint.enabled=false"))
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "titanlite" in caller and "/data/" not in caller:
+                reads.append((trainer.state.step, name))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    trainer.train()
+    trainer.close()
+    steps_with_reads = sorted({step for step, _ in reads})
+    # state.step is already advanced when a step's loss is read: reads after steps 4 and 8 only
+    assert steps_with_reads == [4, 8], reads
