@@ -147,15 +147,14 @@ def _flex_fn(device_type: str):
 MIN_BANDED_WINDOW = 16
 
 
-@functools.lru_cache(maxsize=64)
-def band_mask(block: int, device: torch.device) -> torch.Tensor:
-    """(block, 2 block) mask of one query block against its band: query j sees band keys j .. j + block."""
-    q_pos = torch.arange(block, 2 * block, device=device).unsqueeze(1)
-    k_pos = torch.arange(2 * block, device=device).unsqueeze(0)
-    return (k_pos <= q_pos) & (q_pos - k_pos <= block)
+def _window_mask(t_q: int, t_k: int, window: int, device: torch.device) -> torch.Tensor:
+    # under torch.compile the mask is traced into the graph (dynamo ignores lru_cache anyway)
+    build = window_mask.__wrapped__ if torch.compiler.is_compiling() else window_mask
+    return build(t_q, t_k, window, device)
 
 
 def uses_banded_sdpa(t: int, window: int) -> bool:
+    """True when a window of this size over t positions runs as banded query blocks (implies window < t - 1)."""
     return window >= MIN_BANDED_WINDOW and 2 * window <= t
 
 
@@ -175,9 +174,9 @@ def _sdpa_banded(q, k, v, window: int, gqa: bool) -> torch.Tensor:
 
     # block-major (block, head) order keeps GQA's query-head -> kv-head grouping intact
     rest_q = q[:, b:].reshape(B, n - 1, b, H, D).transpose(2, 3).reshape(B, (n - 1) * H, b, D)
-    build_mask = band_mask.__wrapped__ if torch.compiler.is_compiling() else band_mask
-    rest = F.scaled_dot_product_attention(rest_q, bands(k), bands(v), attn_mask=build_mask(b, q.device),
-                                          enable_gqa=gqa)
+    # every block sees its band like the last b of 2b positions see a window of b
+    band_mask = _window_mask(b, 2 * b, b, q.device)
+    rest = F.scaled_dot_product_attention(rest_q, bands(k), bands(v), attn_mask=band_mask, enable_gqa=gqa)
     rest = rest.reshape(B, n - 1, H, b, D).transpose(2, 3).reshape(B, (n - 1) * b, H, D)
     return torch.cat([first, rest], dim=1)[:, :T]
 
@@ -185,7 +184,7 @@ def _sdpa_banded(q, k, v, window: int, gqa: bool) -> torch.Tensor:
 def _sdpa(q, k, v, window: int) -> torch.Tensor:
     t_q, t_k = q.size(1), k.size(1)
     gqa = q.size(2) != k.size(2)
-    if t_q == t_k and window < t_q - 1 and uses_banded_sdpa(t_q, window):
+    if t_q == t_k and uses_banded_sdpa(t_q, window):
         return _sdpa_banded(q, k, v, window, gqa)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     if t_q == t_k and window >= t_q - 1:
@@ -193,10 +192,8 @@ def _sdpa(q, k, v, window: int) -> torch.Tensor:
     elif t_q == 1 and window >= t_k - 1:  # one decoding query sees the whole cache
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:
-        # under torch.compile the mask is traced into the graph (dynamo ignores lru_cache anyway)
-        build_mask = window_mask.__wrapped__ if torch.compiler.is_compiling() else window_mask
-        mask = build_mask(t_q, t_k, window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(t_q, t_k, window, q.device),
+                                           enable_gqa=gqa)
     return y.transpose(1, 2)
 
 

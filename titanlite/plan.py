@@ -82,7 +82,7 @@ def banded_extra_per_token(seq_len: int, window: int, q_dim: int, kv_dim: int) -
     """Extra elements per token a sliding-window layer keeps when SDPA runs it as banded query blocks
     (titanlite.attention): the blocked copy of q, the (2 window)-row key and value bands, and the two output
     pieces next to their concatenation. 0 where the layer runs causal or masked instead."""
-    if window >= seq_len - 1 or not uses_banded_sdpa(seq_len, window):
+    if not uses_banded_sdpa(seq_len, window):
         return 0.0
     blocks = -(-seq_len // window)
     rest = (blocks - 1) * window / seq_len  # share of the rows outside the first block
@@ -132,8 +132,8 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
     # recomputed block's backward adds about 12 C per token over the saved inputs, far below its 20 C of saved
     # tensors (non-reentrant checkpointing releases each recomputed tensor once backward has used it).
     if compiled:
-        recompute = max((saved_per_token_per_layer(C, q_dim, kv_dim, True, compiled) * compute_bytes
-                         for i in checkpointed), default=0)
+        recompute = (saved_per_token_per_layer(C, q_dim, kv_dim, True, compiled) * compute_bytes
+                     if checkpointed else 0)
         working = 2 * 4 * C * compute_bytes
     else:
         recompute, working = (12 * C * compute_bytes if checkpointed else 0), 0
