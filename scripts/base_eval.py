@@ -5,7 +5,9 @@
     python -m scripts.base_eval --run-dir outputs/d4 --eval bpb,samples --split-tokens 65536
 
 Works on any number of processes (DCP reshards the checkpoint). The model is rebuilt from the config stored
-in the checkpoint, so no other flags are needed.
+in the checkpoint, so no other flags are needed. CORE scores prompts whole up to the model's RoPE table
+(10 x T) in the reference's dtype (bf16 on CUDA, fp32 on CPU), and its line says so; --core-dtype and
+--core-crop-to-seq-len override the checkpoint's eval.core_dtype / eval.core_crop_to_seq_len.
 """
 
 from __future__ import annotations
@@ -32,13 +34,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1: all)")
     parser.add_argument("--bundle", type=Path, default=None, help="CORE bundle folder (default: the config's)")
     parser.add_argument("--device-type", default="", help="cuda, cpu or mps ('' autodetects)")
+    parser.add_argument("--core-dtype", choices=("auto", "bfloat16", "float32"), default=None,
+                        help="CORE compute dtype (default: the checkpoint's eval.core_dtype; auto = bf16 on CUDA, "
+                             "fp32 on CPU)")
+    parser.add_argument("--core-crop-to-seq-len", choices=("true", "false"), default=None,
+                        help="left-crop CORE prompts to the training context (default: the checkpoint's "
+                             "eval.core_crop_to_seq_len)")
     return parser.parse_args(argv)
 
 
-def _load_model(run_dir: Path, step_arg: str, args, world):
+def _load_model(run_dir: Path, step_arg: str, args, world, wanted: set[str]):
     from titanlite.attention import select_attention_backend
     from titanlite.checkpoint import CheckpointManager, read_meta
     from titanlite.config import build_config, config_from_toml_text
+    from titanlite.eval.core import resolve_core_dtype
     from titanlite.models.gpt.parallelize import materialize
     from titanlite.precision import resolve_compute_dtype
     from titanlite.scaling import derive_plan
@@ -50,6 +59,12 @@ def _load_model(run_dir: Path, step_arg: str, args, world):
     if not meta.get("config_toml"):
         raise UserError(f"{probe.step_dir(step)}/meta.json holds no config; cannot rebuild the model")
     config = config_from_toml_text(meta["config_toml"])
+    overrides = {}
+    if args.core_dtype is not None:
+        overrides["core_dtype"] = args.core_dtype
+    if args.core_crop_to_seq_len is not None:
+        overrides["core_crop_to_seq_len"] = args.core_crop_to_seq_len == "true"
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, **overrides))
     dbs = args.device_batch_size or config.training.device_batch_size
     training = dataclasses.replace(config.training, device_batch_size=dbs, num_iterations=1,
                                    total_batch_size=dbs * config.model.max_seq_len * world.world_size)
@@ -66,11 +81,17 @@ def _load_model(run_dir: Path, step_arg: str, args, world):
     model = spec.build_meta_model(plan, config.model)
     model.set_compute_dtype(compute_dtype)
     model.set_attention_backend(backend)
+    # FSDP casts the sharded blocks' weights and inputs to its param_dtype, which would override the CORE dtype
+    # when that differs from the training one; with no param_dtype (no casting) it gathers the fp32 masters and
+    # every forward runs in the model's own compute dtype, which CORE switches for its duration.
+    param_dtype = compute_dtype
+    if "core" in wanted and resolve_core_dtype(config.eval.core_dtype, world.device.type) != compute_dtype:
+        param_dtype = None
     if spec.parallelize is not None:
         no_compile = dataclasses.replace(config.compile, enabled="false")
         no_float8 = dataclasses.replace(config.float8, enabled=False)
         model = spec.parallelize(model, world, no_compile, no_float8, config.activation_checkpoint,
-                                 param_dtype=compute_dtype)
+                                 param_dtype=param_dtype)
     model = materialize(model, world.device)
     probe.load(step, {"model": model})
     model.eval()
@@ -89,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = wanted - {"bpb", "core", "samples"}
     if unknown:
         raise UserError(f"--eval accepts bpb, core, samples; got {', '.join(sorted(unknown))}")
-    model, tokenizer, config, plan, step = _load_model(args.run_dir, args.step, args, world)
+    model, tokenizer, config, plan, step = _load_model(args.run_dir, args.step, args, world, wanted)
 
     if "bpb" in wanted:
         from titanlite.data.corpora import resolve_data_dir
@@ -108,18 +129,20 @@ def run(args: argparse.Namespace) -> int:
             logger.info(f"{split} bpb: {bpb:.6f} ({steps * rows:,} tokens)")
 
     if "core" in wanted:
-        from titanlite.eval.core import evaluate_core, write_core_csv
+        from titanlite.eval.core import core_line, core_settings, evaluate_core, write_core_csv
         from titanlite.paths import cache_dir
 
         bundle = args.bundle or Path(config.eval.eval_bundle_dir or cache_dir() / "eval_bundle")
         if not (bundle / "core.yaml").is_file():
             raise UserError(f"no CORE bundle at {bundle}: run python -m scripts.download_eval_bundle (internet) or "
                             f"python -m scripts.prepare_core_offline, or pass --bundle")
+        # the model was sharded without param_dtype casting when the CORE dtype differs (_load_model)
+        settings = core_settings(config.eval, plan.seq_len, world.device.type)
         result = evaluate_core(model, tokenizer, bundle, args.max_per_task, device=world.device, rank=world.rank,
-                               world_size=world.world_size, max_seq_len=plan.seq_len)
+                               world_size=world.world_size, max_seq_len=settings.crop_len, dtype=settings.dtype)
         for task, acc in result.accuracy.items():
             logger.info(f"  {task:<36} accuracy {acc:.4f} | centered {result.centered[task]:+.4f}")
-        logger.info(f"{result.label}: {result.core:.4f} ({result.examples_per_second:.1f} examples/s)")
+        logger.info(core_line(result, settings.note))
         if world.rank == 0:
             out = args.run_dir / "base_eval" / f"core_step{step:06d}.csv"
             out.parent.mkdir(parents=True, exist_ok=True)

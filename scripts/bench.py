@@ -38,9 +38,52 @@ SMOKE_OVERRIDES = [
 ]
 # Self time of these ops is "matmul" in the profile split; attention kernels are counted apart.
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::addbmm")
-ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "flex_attention", "flash_attn")
+ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "flex_attention", "flash_attn", "flashattn",
+                     "flash_fwd", "flash_bwd", "flash::", "fmha", "sdpa")
 COMM_MARKERS = ("c10d", "gloo", "nccl", "allgather", "all_gather", "reduce_scatter", "allreduce", "all_reduce",
                 "record_param_comms")
+# CUDA kernel names of GEMMs: cuBLAS (sm90_xmma_gemm_*, ampere_*gemm*, nvjet_*), CUTLASS, cuBLASLt's float8
+# kernels, and inductor's Triton matmul templates (triton_tem_fused_mm_*, *_addmm_*, *_bmm_*)
+GEMM_KERNEL_MARKERS = ("gemm", "xmma", "nvjet", "cutlass", "wgmma", "triton_tem_fused_mm", "triton_tem_fused_addmm",
+                       "triton_tem_fused_bmm", "scaled_mm", "splitkreduce")
+
+
+def classify_profile_row(name: str, kernel: bool) -> str:
+    """matmul / attention / communication / other_ops for one profiler row (an op, or a CUDA kernel)."""
+    lowered = name.lower()
+    if any(m in lowered for m in COMM_MARKERS):
+        return "communication"
+    if any(m in lowered for m in ATTENTION_MARKERS):
+        return "attention"
+    if (not kernel and name in MATMUL_OPS) or (kernel and any(m in lowered for m in GEMM_KERNEL_MARKERS)):
+        return "matmul"
+    return "other_ops"
+
+
+def split_profile(rows, on_gpu: bool) -> tuple[dict, list]:
+    """({kind: seconds}, [(seconds, name)]) from profiler key_averages() rows, each second counted once.
+
+    On CUDA a kernel's time shows twice: on its own (device) row and as the self device time of the aten op
+    that launched it, so only the kernel rows are counted, classified by kernel name (GEMMs by the
+    cuBLAS/CUTLASS/Triton names above). On CPU the ops' self CPU time is the work.
+    """
+    from torch.autograd import DeviceType
+
+    split = {"matmul": 0.0, "attention": 0.0, "communication": 0.0, "other_ops": 0.0}
+    top = []
+    for row in rows:
+        if on_gpu:
+            if row.device_type != DeviceType.CUDA:
+                continue
+            seconds = row.self_device_time_total / 1e6
+        else:
+            seconds = row.self_cpu_time_total / 1e6
+        if seconds <= 0:
+            continue
+        split[classify_profile_row(row.key, kernel=on_gpu)] += seconds
+        top.append((seconds, row.key))
+    top.sort(reverse=True)
+    return split, top
 
 
 @dataclass
@@ -90,7 +133,8 @@ def _measure_peaks(device, compute_dtype) -> dict:
     """Matmul peak of this process (its thread count) on CPU; the table's BF16 peak on GPU."""
     import torch
 
-    from titanlite.metrics import measure_matmul_peak, peak_flops_for_gpu
+    from titanlite.cpu_peak import measure_matmul_peak
+    from titanlite.metrics import peak_flops_for_gpu
     from titanlite.precision import cpu_has_native_bf16
 
     if device.type == "cuda":
@@ -113,25 +157,7 @@ def _profile_step(trainer, step: int, sync) -> dict:
         trainer.train_step(step)
         sync()
     wall = time.perf_counter() - start
-    split = {"matmul": 0.0, "attention": 0.0, "communication": 0.0, "other_ops": 0.0}
-    top = []
-    for event in prof.key_averages():
-        name = event.key
-        seconds = (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e6
-        if seconds <= 0:
-            continue
-        lowered = name.lower()
-        if name in MATMUL_OPS:
-            kind = "matmul"
-        elif any(m in lowered for m in ATTENTION_MARKERS):
-            kind = "attention"
-        elif any(m in lowered for m in COMM_MARKERS):
-            kind = "communication"
-        else:
-            kind = "other_ops"
-        split[kind] += seconds
-        top.append((seconds, name))
-    top.sort(reverse=True)
+    split, top = split_profile(prof.key_averages(), on_gpu)
     counted = sum(split.values())
     # On CPU the ops run on this thread, so what they do not cover is Python/framework overhead.
     result = {f"{k}_s": v for k, v in split.items()}
@@ -226,6 +252,8 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+    results.close()
+    results.join_thread()  # os._exit would drop what the queue's feeder thread has not sent yet (an error report)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)  # gloo's exit-time abort (cpu_env.md §4.1) must not turn a good run into a failure
@@ -466,8 +494,11 @@ def run(argv: list[str]) -> dict:
         ctx = mp.get_context("spawn")
         groups = []
         try:
-            for v in variants:
-                groups.append(VariantGroup(ctx, v, _adjust_for_processes(base + v.overrides, v.processes), tmp,
+            for i, v in enumerate(variants):
+                # a run folder each: variants run at once, and a run folder admits one run (titanlite.run_lock)
+                own_folder = [f"--job.dump_folder={os.path.join(tmp, f'variant-{i}')}"]
+                groups.append(VariantGroup(ctx, v, _adjust_for_processes(base + v.overrides + own_folder,
+                                                                         v.processes), tmp,
                                            args.timeout, args.threads))
             infos = [g.ready() for g in groups]
             answers = [[g.send("run", args.warmup)] if args.warmup else [] for g in groups]
@@ -481,7 +512,7 @@ def run(argv: list[str]) -> dict:
         load_end = os.getloadavg()
     import torch
 
-    from titanlite.metrics import cpu_name
+    from titanlite.cpu_peak import cpu_name
 
     report = {
         "config": config.job.config_file, "overrides": overrides,

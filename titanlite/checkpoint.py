@@ -3,8 +3,10 @@
 Layout: `<folder>/step-000123/` holds DCP's files (`.metadata` + one data file per rank) and `meta.json`
 (step, model args, the resolved config TOML). A save is written to `<folder>/.step-000123.tmp/` and renamed
 by rank 0 only after every rank has finished writing, so a crash mid-save never leaves a folder that looks
-complete and never touches an earlier checkpoint. DCP reshards on load: a checkpoint written by N ranks loads
-on M ranks (or in a plain process without a process group).
+complete and never touches an earlier checkpoint. A save that fails (disk full, read-only or foreign folder)
+removes its temporary folder and raises one UserError line naming the path and the cause, on every rank.
+DCP reshards on load: a checkpoint written by N ranks loads on M ranks (or in a plain process without a
+process group).
 
 What is saved is whatever the trainer passes: nn.Modules (through get/set_model_state_dict, which handle FSDP2
 DTensors and strip compile's `_orig_mod.`), Stateful objects (optimizers, train state) and plain dicts whose
@@ -35,8 +37,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from titanlite.cli import is_interrupt
 from titanlite.distributed import WorldInfo
 from titanlite.errors import UserError
+from titanlite.fs_errors import failed_path, write_failure_cause
 from titanlite.logging_utils import logger
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -101,6 +105,33 @@ def describe_failure(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {first[:300]}" if first else exc.__class__.__name__
 
 
+def agree_on_error(message: Any) -> Any:
+    """The first rank's error (None when no rank has one), on every rank: a step only one rank performs
+    (rank 0 writes meta.json and renames) must fail on all of them, or the others wait forever at a barrier."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return message
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m is not None), None)
+
+
+def remove_interrupted_saves(folder: Path) -> None:
+    """Clear what saves that never completed left behind; only for the run that owns the folder (another process
+    may be mid-save). A `.step-*.tmp` is never a complete checkpoint, and after a disk-full failure it is what
+    keeps the disk full. A `.step-*.replaced` is the previous copy of a step being re-saved: it is put back when
+    the process died between the two renames, so that step is not lost."""
+    if not folder.is_dir():
+        return
+    for stale in folder.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for replaced in folder.glob(".step-*.replaced"):
+        final_dir = folder / replaced.name[1:-len(".replaced")]
+        if final_dir.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.rename(replaced, final_dir)
+
+
 def model_args_dict(states: dict[str, Any]) -> dict | None:
     """The first module's `args` dataclass as a dict (None when no module in `states` has one)."""
     for value in states.values():
@@ -154,16 +185,19 @@ def check_model_args(saved: dict | None, current: dict | None, where: Path) -> N
 
 
 class CheckpointManager:
-    def __init__(self, checkpoint_cfg, folder: Path, world: WorldInfo, *, config_toml: str | None = None):
+    def __init__(self, checkpoint_cfg, folder: Path, world: WorldInfo, *, config_toml: str | None = None,
+                 tokenizer_fingerprint: str | None = None):
         """`folder` is the run folder (`<dump_folder>/<model_tag or d<depth>>`); steps go directly inside.
 
         config_toml: the resolved config written into each meta.json (default: the run folder's config.toml
-        if the trainer wrote one).
+        if the trainer wrote one). tokenizer_fingerprint: stored in each meta.json; a checkpoint with another
+        one is refused on load (its token ids would mean other text). Checkpoints without one load unchecked.
         """
         self.cfg = checkpoint_cfg
         self.folder = Path(folder)
         self.world = world
         self.config_toml = config_toml
+        self.tokenizer_fingerprint = tokenizer_fingerprint
         self.is_main = world.rank == 0
         self.async_enabled = checkpoint_cfg.async_mode == "async"
         if checkpoint_cfg.async_mode not in ("disabled", "async"):
@@ -202,58 +236,140 @@ class CheckpointManager:
             config_toml = config_file.read_text() if config_file.is_file() else ""
         return {"format_version": FORMAT_VERSION, "step": step, "model_args": model_args_dict(states),
                 "world_size": self.world.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "config_toml": config_toml}
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "config_toml": config_toml}
 
-    def save(self, step: int, states: dict[str, Any], *, final: bool = False) -> None:
+    def save(self, step: int, states: dict[str, Any], *, final: bool = False) -> bool:
         """Write `states` as step `step` (collective: every rank calls it with its own states).
 
-        Async mode returns once the state is staged in host memory; the folder becomes visible (renamed) at the
-        next save, `wait()` or `close()`. The final save is always synchronous.
+        Returns True when the checkpoint is complete and published on return. Async mode returns False once
+        the state is staged in host memory; the folder becomes visible (renamed, "checkpoint saved" printed)
+        at `wait()`, which the next save, `close()` or the trainer's poll calls. The final save is always
+        synchronous. A failure removes the partial `.tmp` folder and raises one UserError line naming the path
+        and the cause; Ctrl-C during the write is a plain KeyboardInterrupt.
         """
         self.wait()
         tmp = self.folder / tmp_dir_name(step)
+        error = None
         if self.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".step-*.tmp"):  # leftovers of interrupted saves: never complete
-                shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                remove_interrupted_saves(self.folder)
+            except OSError as exc:
+                error = self._failure_line(step, failed_path(exc, self.folder), write_failure_cause(exc, tmp)
+                                           or describe_failure(exc), removed=None)
+        self._raise_agreed(error)  # doubles as the barrier: nobody writes before the stale folders are gone
         meta = self._meta(step, states)
         dcp_states = _as_dcp_states(states)
-        if self.async_enabled and not final:
+        try:
             with _quiet_single_process():
-                future = dcp.async_save(dcp_states, checkpoint_id=str(tmp), process_group=self._async_group,
-                                        no_dist=not self._distributed)
-            self._pending = (future, step, meta)
-            return
-        with _quiet_single_process():
-            dcp.save(dcp_states, checkpoint_id=str(tmp), no_dist=not self._distributed)
+                if self.async_enabled and not final:
+                    future = dcp.async_save(dcp_states, checkpoint_id=str(tmp), process_group=self._async_group,
+                                            no_dist=not self._distributed)
+                    self._pending = (future, step, meta)
+                    return False
+                dcp.save(dcp_states, checkpoint_id=str(tmp), no_dist=not self._distributed)
+        except (Exception, CheckpointException, KeyboardInterrupt) as exc:  # CheckpointException: a BaseException
+            # DCP gathers every rank's write result before raising, so all ranks fail here together and
+            # nobody still writes into `tmp` when rank 0 removes it.
+            if is_interrupt(exc):
+                self._remove_tmp(step)
+                raise KeyboardInterrupt from None
+            raise UserError(self._abandon(step, exc)) from None
         self._finalize(step, meta)
+        return True
+
+    def pending_done(self) -> bool | None:
+        """None without an async save in flight; else whether this rank's part of it has finished."""
+        return None if self._pending is None else self._pending[0].done()
 
     def wait(self) -> None:
-        """Finish an in-flight async save (every rank), then publish it."""
+        """Finish an in-flight async save (every rank), then publish it; a failure is one UserError line."""
         if self._pending is None:
             return
         future, step, meta = self._pending
         self._pending = None
-        future.result()
+        error = None
+        try:
+            future.result()
+        except BaseException as exc:  # noqa: BLE001 - the background write's failure, whatever its type
+            error = self._failure_parts(step, exc)
+        error = agree_on_error(error)  # one rank's failed write fails the checkpoint on all of them
+        if error is not None:
+            removed = self._remove_tmp(step)
+            raise UserError(self._failure_line(step, *error, removed=removed))
         self._finalize(step, meta)
+
+    def abandon_pending(self) -> None:
+        """After a failure elsewhere (the ranks may no longer meet): let this rank's async write finish, publish
+        nothing. The `.tmp` folder is cleared by the next run."""
+        if self._pending is not None:
+            future, self._pending = self._pending[0], None
+            with contextlib.suppress(BaseException):
+                future.result()
+
+    # ----- failures ----------------------------------------------------------------------------------------
+    def _failure_parts(self, step: int, exc: BaseException) -> tuple[str, str]:
+        """(path, cause) of a failed save; call it before the partial files are removed (they are what filled
+        the disk, which the cause may be read from)."""
+        tmp = self.folder / tmp_dir_name(step)
+        return failed_path(exc, tmp), write_failure_cause(exc, tmp) or describe_failure(exc)
+
+    def _abandon(self, step: int, exc: BaseException) -> str:
+        where, cause = self._failure_parts(step, exc)
+        return self._failure_line(step, where, cause, removed=self._remove_tmp(step))
+
+    def _remove_tmp(self, step: int) -> bool:
+        tmp = self.folder / tmp_dir_name(step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return not tmp.exists()
+        return True
+
+    def _failure_line(self, step: int, where: str, cause: str, removed: bool | None) -> str:
+        """removed: whether the partial save is gone (None: nothing was written yet)."""
+        latest = self.latest_step()
+        kept = (f"the last complete checkpoint, {self.step_dir(latest)}, is intact" if latest is not None
+                else "no earlier checkpoint exists")
+        partial = ("nothing was written and " if removed is None else "the partial save was removed and " if removed
+                   else f"the partial save {self.folder / tmp_dir_name(step)} is removed by the next run and ")
+        fix = {"no space left on device": "free space on that disk",
+               "disk quota exceeded": "free space or raise the quota"}.get(
+            cause, "make the folder writable (or point job.dump_folder at another one)"
+            if cause in ("read-only file system", "permission denied", "operation not permitted")
+            else "fix the cause")
+        return (f"could not save checkpoint step {step}: {where}: {cause}; {partial}{kept}. {fix[0].upper()}"
+                f"{fix[1:]}, then resume with --checkpoint.resume_from_step=latest")
+
+    def _raise_agreed(self, error: str | None) -> None:
+        error = agree_on_error(error)
+        if error is not None:
+            raise UserError(error)
 
     def _finalize(self, step: int, meta: dict) -> None:
         # Everyone has written their files once all ranks pass this barrier; only then is the rename safe.
         self._barrier()
+        error = None
         if self.is_main:
             tmp, final_dir = self.folder / tmp_dir_name(step), self.step_dir(step)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if final_dir.exists():  # re-saving a step: move the old one aside first, so rename can succeed
-                replaced = self.folder / f".{step_dir_name(step)}.replaced"
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.rename(final_dir, replaced)
-                os.rename(tmp, final_dir)
-                shutil.rmtree(replaced, ignore_errors=True)
+            replaced = self.folder / f".{step_dir_name(step)}.replaced"
+            try:
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+                if final_dir.exists():  # re-saving a step: move the old one aside first, so rename can succeed
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.rename(final_dir, replaced)
+                    os.rename(tmp, final_dir)
+                    shutil.rmtree(replaced, ignore_errors=True)
+                else:
+                    os.rename(tmp, final_dir)
+            except OSError as exc:
+                if replaced.exists() and not final_dir.exists():
+                    with contextlib.suppress(OSError):
+                        os.rename(replaced, final_dir)  # the earlier copy of this step stays published
+                error = self._abandon(step, exc)
             else:
-                os.rename(tmp, final_dir)
-            self._apply_retention(keep=step)
-        self._barrier()  # nobody looks for the checkpoint before it exists under its final name
+                self._apply_retention(keep=step)
+        self._raise_agreed(error)  # also: nobody looks for the checkpoint before it exists under its final name
+        logger.info(f"step {step:05d} | checkpoint saved to {self.step_dir(step)}")
 
     def _apply_retention(self, keep: int) -> None:
         k = self.cfg.keep_latest_k
@@ -297,6 +413,13 @@ class CheckpointManager:
         step_dir = self.step_dir(step)
         meta = read_meta(step_dir)
         check_model_args(meta.get("model_args"), model_args_dict(states), step_dir)
+        saved_tokenizer = meta.get("tokenizer_fingerprint")
+        if saved_tokenizer and self.tokenizer_fingerprint and saved_tokenizer != self.tokenizer_fingerprint:
+            raise UserError(f"checkpoint {step_dir} was trained with another tokenizer (fingerprint "
+                            f"{saved_tokenizer[:12]}, the configured one is {self.tokenizer_fingerprint[:12]}): its "
+                            "token ids would mean other text; resume with the tokenizer it was trained with "
+                            "(data.tokenizer_dir, data.dataset, data.vocab_size) or start a new run (another "
+                            "checkpoint.model_tag)")
         try:
             with _quiet_single_process():
                 dcp.load(_as_dcp_states(states), checkpoint_id=str(step_dir), planner=_WeightsOnlyLoadPlanner(),

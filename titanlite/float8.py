@@ -81,11 +81,64 @@ def apply_float8(model: nn.Module, float8_cfg, device: torch.device | str) -> li
     if float8_cfg.recipe == "rowwise":
         # Rowwise scales under inductor need exact casts (pytorch/pytorch#150859); harmless without compile.
         torch._inductor.config.emulate_precision_casts = True
+    origins = {name: type(module) for name, module in model.named_modules()}
     convert_to_float8_training(model, config=config, module_filter_fn=float8_module_filter(float8_cfg.exclude_fqns))
     converted = [name for name, module in model.named_modules() if isinstance(module, Float8Linear)]
+    for name in converted:
+        _keep_float8_forward(model.get_submodule(name), origins[name])
     logger.info(f"Float8 ({float8_cfg.recipe}{', emulated' if float8_cfg.emulate else ''}): "
                 f"{len(converted)} linear layers converted")
     return converted
+
+
+def _keep_float8_forward(module: nn.Module, origin: type) -> None:
+    """Remember the class a converted module had; if that class has a `float8_forward` (a head whose forward
+    also takes targets and fuses the loss, like the GPT's Unembedding), it becomes this module's forward.
+
+    An instance-level forward, like bf16_eval's switch: FSDP's hooks and the module object stay as they are.
+    """
+    module.float8_origin = origin
+    float8_forward = getattr(origin, "float8_forward", None)
+    if float8_forward is not None:
+        module.forward = types.MethodType(float8_forward, module)
+
+
+class _Float8RoundTrip(torch.autograd.Function):
+    """t -> float8 (torchao's dynamic cast: per-tensor or per-row scale) -> back to `dtype`; the gradient
+    passes straight through, as it does through torchao's casts."""
+
+    @staticmethod
+    def forward(ctx, t, cast_config, round_scales_to_power_of_2: bool, dtype):
+        from torchao.float8.config import ScalingGranularity, ScalingType
+        from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
+
+        ctx.input_dtype = t.dtype
+        if cast_config.scaling_type is ScalingType.DISABLED:
+            return t.to(dtype)
+        rowwise = cast_config.scaling_granularity is ScalingGranularity.AXISWISE
+        scale = tensor_to_scale(t, cast_config.target_dtype, scaling_granularity=cast_config.scaling_granularity,
+                                axiswise_dim=-1 if rowwise else None,
+                                round_scales_to_power_of_2=round_scales_to_power_of_2)
+        codes = to_fp8_saturated(t.to(torch.float32) * scale, cast_config.target_dtype)
+        return (codes.to(torch.float32) / scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def float8_dequantised(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, module.weight) as a torchao Float8Linear's forward matmul sees them, back in x's dtype.
+
+    Both are cast with the module's own config (float8 dtype, per-tensor or per-row scales over the inner
+    dimension, power-of-two rounding), so a high-precision matmul of the two is that module's float8 matmul up to
+    accumulation order. For code that needs the operands rather than the product (the fused softcap + CE head).
+    """
+    config = module.config
+    round_pow2 = config.round_scales_to_power_of_2
+    x_q = _Float8RoundTrip.apply(x, config.cast_config_input, round_pow2, x.dtype)
+    weight_q = _Float8RoundTrip.apply(module.weight, config.cast_config_weight, round_pow2, x.dtype)
+    return x_q, weight_q
 
 
 def _high_precision_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +166,17 @@ def bf16_eval(model: nn.Module) -> Iterator[nn.Module]:
     A model without float8 layers passes through untouched.
     """
     swapped = float8_modules(model)
+    kept = [module.__dict__.get("forward") for module in swapped]  # a float8_forward installed at conversion
     for module in swapped:
-        module.forward = types.MethodType(_high_precision_forward, module)
+        origin = getattr(module, "float8_origin", None)
+        # a head with a fused loss runs its own high-precision forward (it takes targets too)
+        forward = origin.forward if getattr(origin, "float8_forward", None) is not None else _high_precision_forward
+        module.forward = types.MethodType(forward, module)
     try:
         yield model
     finally:
-        for module in swapped:
-            del module.forward
+        for module, forward in zip(swapped, kept):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

@@ -7,6 +7,19 @@ import sys
 logger = logging.getLogger("titanlite")
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to sys.stdout as it is at each message, not as it was at start: a redirect made later (a
+    notebook cell, a test's capture) gets the lines, and a closed earlier stream is never written to."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def init_logger(rank: int | None = None) -> None:
     """Route titanlite messages to stdout, only on rank 0 (or every rank with TITANLITE_LOG_ALL_RANKS=1)."""
     if rank is None:
@@ -16,7 +29,7 @@ def init_logger(rank: int | None = None) -> None:
             logger.removeHandler(handler)
     logger.propagate = False
     if rank == 0 or os.environ.get("TITANLITE_LOG_ALL_RANKS") == "1":
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.setLevel(logging.INFO)
     else:

@@ -5,15 +5,17 @@ Rank 0 writes; every other rank gets a MetricsLogger that does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from titanlite.cpu_peak import cpu_name, cpu_peak_flops
 from titanlite.errors import UserError
+from titanlite.fs_errors import fs_error_line
 from titanlite.logging_utils import logger
 
 # Dense BF16 tensor-core peak per device, matched on the lower-cased device name: the first row whose
@@ -40,46 +42,26 @@ def peak_flops_for_gpu(name: str) -> float:
     return float("inf")
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of a size x size matmul on this CPU with the current thread count (best of `repeats`)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up: first call pays for kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
 @dataclass
 class DeviceInfo:
     line: str          # the device line printed at start
     peak_flops: float  # per device, in the compute dtype (BF16 on GPUs)
 
 
-def describe_device(device: torch.device, compute_dtype: torch.dtype) -> DeviceInfo:
+def describe_device(device: torch.device, compute_dtype: torch.dtype, peak_override: float = 0.0,
+                    remeasure_peak: bool = False) -> DeviceInfo:
+    """The device line and the peak MFU divides by; `peak_override` > 0 replaces the table or measurement."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = peak_flops_for_gpu(name)
-        return DeviceInfo(f"GPU: {name} | Peak FLOPS (BF16): {peak:.2e}", peak)
+        peak, source = ((peak_override, "set by metrics.peak_flops") if peak_override > 0
+                        else (peak_flops_for_gpu(name), "datasheet, dense"))
+        return DeviceInfo(f"GPU: {name} | Peak FLOPS (BF16): {peak:.2e} ({source})", peak)
     if device.type == "cpu":
         threads = torch.get_num_threads()
-        peak = measure_matmul_peak(compute_dtype)
+        peak = cpu_peak_flops(compute_dtype, peak_override, remeasure_peak)
         label = "BF16" if compute_dtype == torch.bfloat16 else "FP32"
         return DeviceInfo(f"CPU: {cpu_name()} | {os.cpu_count()} cores, {threads} threads | "
-                          f"Peak FLOPS ({label}, measured 2048x2048 matmul): {peak:.2e}", peak)
+                          f"Peak FLOPS ({label} matmul): {peak.flops:.2e} ({peak.source})", peak.flops)
     return DeviceInfo(f"{device.type.upper()} device | Peak FLOPS: unknown (MFU not reported)", float("inf"))
 
 
@@ -103,6 +85,23 @@ def format_step_line(step: int, num_iterations: int, loss: float, lrm: float, dt
             f"total time: {total_time_s / 60:.2f}m | eta: {eta}")
 
 
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard writes events from a thread that keeps a failure for the writer's next call, where
+    MetricsLogger turns it into one line, but also lets Python print the thread's traceback: skip that
+    traceback for filesystem errors (every other thread and error still reaches the previous hook)."""
+    previous = threading.excepthook
+    if getattr(previous, "_titanlite_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook._titanlite_tensorboard = True
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     """Fans scalars and text out to TensorBoard and (when `run` is not 'dummy') Weights & Biases."""
 
@@ -110,12 +109,15 @@ class MetricsLogger:
         self.enabled = enabled
         self.tb = None
         self.wandb = None
+        self.tb_dir = Path(run_dir) / "tb"
         if not enabled:
             return
         if metrics_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            _quiet_tensorboard_thread_errors()
+            with self._tb_errors():
+                self.tb = SummaryWriter(log_dir=str(self.tb_dir))
         if metrics_cfg.run != "dummy":
             try:
                 import wandb
@@ -124,27 +126,45 @@ class MetricsLogger:
                                 f"pip install 'titanlite[wandb]', or use --metrics.run=dummy") from None
             self.wandb = wandb.init(project=metrics_cfg.wandb_project, name=metrics_cfg.run, config=config_dict)
 
+    @contextlib.contextmanager
+    def _tb_errors(self):
+        """A failed TensorBoard write (disk full, folder turned read-only) is one line naming the folder. The
+        writer is dropped unclosed: closing flushes into the same failure, and its thread may be gone."""
+        try:
+            yield
+        except OSError as exc:
+            self.tb = None
+            advice = "free space or make the folder writable, or run with --metrics.tensorboard=false"
+            line = fs_error_line("write TensorBoard events to", self.tb_dir, exc, advice)
+            raise UserError(line or f"cannot write TensorBoard events to {self.tb_dir}: {exc}") from None
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb is not None:
-            for tag, value in values.items():
-                self.tb.add_scalar(tag, value, step)
+            with self._tb_errors():
+                for tag, value in values.items():
+                    self.tb.add_scalar(tag, value, step)
         if self.wandb is not None:
             self.wandb.log({"step": step, **values}, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.tb is not None:
-            self.tb.add_text(tag, text, step)
+            with self._tb_errors():
+                self.tb.add_text(tag, text, step)
         if self.wandb is not None:
             self.wandb.log({tag: text}, step=step)
 
     def flush(self) -> None:
         if self.tb is not None:
-            self.tb.flush()
+            with self._tb_errors():
+                self.tb.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+        try:
+            if self.tb is not None:
+                with self._tb_errors():
+                    self.tb.close()
+                self.tb = None
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish()
+                self.wandb = None

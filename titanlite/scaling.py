@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 from titanlite.errors import UserError
 from titanlite.models.gpt.model import GPTArgs, count_flops_per_token, count_params, window_sizes
+from titanlite.optim.builder import group_learning_rates
 
 REFERENCE_DEPTH = 12            # hyperparameters were tuned at d12; everything scales relative to it
 REFERENCE_BATCH = 2 ** 19       # tokens per step at d12
@@ -55,10 +57,7 @@ class Plan:
     width_lr_scale: float               # (C / 768) ^ -0.5, embedding-type groups only
     weight_decay: float
     weight_decay_scaled: float          # wd * sqrt(B / 2^19) * N12 / N (Muon)
-    unembedding_lr_scaled: float
-    embedding_lr_scaled: float
-    matrix_lr_scaled: float
-    scalar_lr_scaled: float
+    group_lrs: dict[str, float]         # initial LR per optimizer group, exactly as the optimizers get them
 
     @property
     def full_layers(self) -> list[int]:
@@ -133,6 +132,7 @@ def derive_plan(model_cfg, training_cfg, optimizer_cfg, vocab_size: int, world_s
     batch_lr_scale = math.sqrt(total_batch_size / REFERENCE_BATCH)
     width_lr_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
     wd = optimizer_cfg.weight_decay
+    scales = SimpleNamespace(batch_lr_scale=batch_lr_scale, width_lr_scale=width_lr_scale)
     return Plan(
         depth=model_cfg.depth, n_layer=model_cfg.depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
         head_dim=model_cfg.head_dim, vocab_size=vocab_size, padded_vocab=args.padded_vocab, seq_len=seq_len,
@@ -147,10 +147,7 @@ def derive_plan(model_cfg, training_cfg, optimizer_cfg, vocab_size: int, world_s
         tokens_per_param=total_tokens / scaling_params, total_flops=float(flops_per_token) * total_tokens,
         batch_lr_scale=batch_lr_scale, width_lr_scale=width_lr_scale, weight_decay=wd,
         weight_decay_scaled=wd * batch_lr_scale * reference_scaling_params / scaling_params,
-        unembedding_lr_scaled=optimizer_cfg.unembedding_lr * batch_lr_scale * width_lr_scale,
-        embedding_lr_scaled=optimizer_cfg.embedding_lr * batch_lr_scale * width_lr_scale,
-        matrix_lr_scaled=optimizer_cfg.matrix_lr * batch_lr_scale,
-        scalar_lr_scaled=optimizer_cfg.scalar_lr * batch_lr_scale,
+        group_lrs=group_learning_rates(optimizer_cfg, scales),
     )
 
 
@@ -179,8 +176,8 @@ def format_plan(plan: Plan) -> str:
         f"  tokens:params     : {plan.tokens_per_param:.2f}",
         f"  total FLOPs       : {plan.total_flops:.4e}",
         f"  LR scales         : batch {plan.batch_lr_scale:.4f} | width {plan.width_lr_scale:.4f}",
-        f"  scaled LRs        : unembedding {plan.unembedding_lr_scaled:.6g} | embedding "
-        f"{plan.embedding_lr_scaled:.6g} | matrix {plan.matrix_lr_scaled:.6g} | scalar {plan.scalar_lr_scaled:.6g}",
+        "  group LRs         : " + " | ".join(f"{name} {lr:.6g}" for name, lr in plan.group_lrs.items())
+        + " (matrices: x sqrt(max(1, rows/cols)) per shape)",
         f"  weight decay      : {plan.weight_decay:g} -> {plan.weight_decay_scaled:.6g} (scaled, Muon)",
     ]
     return "\n".join(lines)

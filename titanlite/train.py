@@ -1,8 +1,9 @@
 """`python -m titanlite.train --job.config_file FILE [--section.key=value ...]`: the entry point and the loop.
 
-Order (DESIGN.md): config -> device/world -> data + tokenizer -> plan -> model on meta -> parallelize
-(float8, AC, compile, FSDP) -> materialise + init -> optimizers -> loaders -> resume -> loop. Each component
-gets only its own config section.
+Order (DESIGN.md): config -> device/world -> run-folder lock -> data + tokenizer -> plan -> model on meta ->
+parallelize (float8, AC, compile, FSDP) -> materialise + init -> optimizers -> loaders -> resume -> loop. Each
+component gets only its own config section. SIGTERM (preemption) makes the loop save at the next step boundary
+and exit 143.
 """
 
 from __future__ import annotations
@@ -12,19 +13,25 @@ import dataclasses
 import gc
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from titanlite.cli import run_cli
+from titanlite.cli import Stop, run_cli
 from titanlite.config import config_to_toml, help_text, load_config
 from titanlite.errors import UserError
+from titanlite.fs_errors import reported_fs_errors
 from titanlite.logging_utils import init_logger, logger
 from titanlite.train_state import TrainState
 
 TIMING_WARMUP_STEPS = 10  # total_training_time skips steps 0-10 (compile/warm-up), as the leaderboard does
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports: schedulers expect it
+RUN_DIR_ADVICE = "point job.dump_folder at a writable folder with free space"
 
 
 def _due(step: int, every: int, last: bool, at_zero: bool) -> bool:
@@ -35,6 +42,15 @@ def _due(step: int, every: int, last: bool, at_zero: bool) -> bool:
 
 class Trainer:
     def __init__(self, config):
+        self.run_lock = None
+        try:
+            self._setup(config)
+        except BaseException:
+            if self.run_lock is not None:  # a failed start leaves the folder free for the next try
+                self.run_lock.release()
+            raise
+
+    def _setup(self, config) -> None:
         from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
         from titanlite.device import prepare_backend, resolve_device_type
         from titanlite.distributed import init_distributed, set_seed
@@ -50,9 +66,19 @@ class Trainer:
         self.is_main = world.rank == 0
         set_seed(cfg.training.seed)
         self.compute_dtype = resolve_compute_dtype(cfg.training.dtype, device_type)
-        self.device_info = describe_device(self.device, self.compute_dtype)
+        # Rank 0 measures (or reads the cache) first: ranks measuring at once on one host would each see a
+        # fraction of the cores and cache a low peak.
+        if not self.is_main:
+            world.barrier()
+        self.device_info = describe_device(self.device, self.compute_dtype, cfg.metrics.peak_flops,
+                                           cfg.metrics.remeasure_peak and self.is_main)
+        if self.is_main:
+            world.barrier()
         logger.info(self.device_info.line)
         logger.info(describe_compute_dtype(self.compute_dtype, device_type))
+        # One run per run folder, settled before anything is written into it.
+        self.run_dir = Path(cfg.job.dump_folder) / (cfg.checkpoint.model_tag or f"d{cfg.model.depth}")
+        self._lock_run_dir()
 
         # Data first: the tokenizer fixes the vocab size the plan depends on. Rank 0 prepares, the rest wait.
         if self.is_main:
@@ -70,10 +96,9 @@ class Trainer:
         self._build_model()
         logger.info(format_plan(plan))
 
-        self.run_dir = Path(cfg.job.dump_folder) / (cfg.checkpoint.model_tag or f"d{cfg.model.depth}")
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
+            with reported_fs_errors("write", self.run_dir / "config.toml", RUN_DIR_ADVICE):
+                (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dataclasses.asdict(cfg), enabled=self.is_main)
         self._build_optimizers()
         self._build_loaders()
@@ -81,8 +106,35 @@ class Trainer:
         self.loss_history: list[tuple[int, float]] = []  # (step, global mean loss) of every logged step
         from titanlite.checkpoint import CheckpointManager
 
-        self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, world)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, world,
+                                              tokenizer_fingerprint=self.tokenizer.fingerprint())
+        self._sigterm_armed = (cfg.checkpoint.enabled and cfg.checkpoint.save_on_sigterm
+                               and threading.current_thread() is threading.main_thread())
+        self._sigterm_received = False
+        self._control_group = None  # CPU gloo group for the per-step stop/publish decision (_step_boundary)
+        if world.is_distributed and (self._sigterm_armed or self.checkpointer.async_enabled):
+            import torch.distributed as dist
+
+            self._control_group = dist.new_group(backend="gloo")
         self.resumed_step = self._maybe_resume()
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 locks the run folder and clears what interrupted saves left there; every rank learns whether
+        that worked."""
+        from titanlite.checkpoint import agree_on_error, remove_interrupted_saves
+        from titanlite.run_lock import RunLock
+
+        error = None
+        if self.is_main:
+            try:
+                self.run_lock = RunLock(self.run_dir).acquire()
+                with reported_fs_errors("clear interrupted saves in", self.run_dir, RUN_DIR_ADVICE):
+                    remove_interrupted_saves(self.run_dir)
+            except UserError as exc:
+                error = str(exc)
+        error = agree_on_error(error)
+        if error is not None:
+            raise UserError(error)
 
     # ---- construction -----------------------------------------------------------------------------------
     def _build_model(self) -> None:
@@ -116,24 +168,26 @@ class Trainer:
                                 compute_dtype=self.compute_dtype)
 
     def _build_loaders(self) -> None:
-        """World-size-invariant data: the global batch is made of `streams` fixed micro-batch streams.
-
-        Stream j reads row groups j, j+S, ... of the train split. Rank r owns the grad-accum streams
-        r*A .. r*A+A-1, so 2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same global batch and a
-        checkpoint can be resumed on a different number of processes with the same data.
-        """
+        """Layout-invariant data (data/streams.py): one packing stream per row of the global batch; this rank
+        holds the streams of its rows and each micro-step stacks its B of them. Any device_batch_size and
+        process count dividing the same global batch read the same rows, so a checkpoint resumes under any."""
+        from titanlite.data.epochs import repeat_warning
         from titanlite.data.loader import build_loader
+        from titanlite.data.streams import TrainData
 
         cfg, plan, world = self.config, self.plan, self.world
         accum = plan.grad_accum_steps
-        self.num_streams = world.world_size * accum
-        first = world.rank * accum
-        threads = max(1, cfg.data.loader_threads // accum)
-        self.train_streams = {
-            j: build_loader(self.data_dir, "train", self.tokenizer, plan.device_batch_size, plan.seq_len,
-                            rank=j, world_size=self.num_streams, device=self.device,
-                            buffer_docs=cfg.data.buffer_docs, threads=threads)
-            for j in range(first, first + accum)}
+        self.train_data = TrainData(
+            self.data_dir, self.tokenizer, rows=plan.total_batch_size // plan.seq_len, seq_len=plan.seq_len,
+            device_batch_size=plan.device_batch_size, grad_accum=accum, rank=world.rank,
+            world_size=world.world_size, device=self.device, buffer_docs=cfg.data.buffer_docs,
+            threads=max(1, cfg.data.loader_threads // accum))
+        self.train_streams = self.train_data.loaders  # micro-step -> loader; train_step takes one batch of each
+        if self.is_main:  # where the plan meets the data: a corpus the run would read many times over is said
+            warning = repeat_warning(self.data_dir, self.train_data.index, self.tokenizer,
+                                     plan.total_batch_size * plan.num_iterations)
+            if warning:
+                logger.warning(warning)
         self.val_loader = build_loader(self.data_dir, "val", self.tokenizer, plan.device_batch_size,
                                        plan.seq_len, rank=world.rank, world_size=world.world_size,
                                        device=self.device, buffer_docs=cfg.data.buffer_docs, prefetch=0,
@@ -142,17 +196,22 @@ class Trainer:
 
     def _checkpoint_states(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizers, "train_state": self.state,
-                "dataloader": {f"stream_{j}": json.dumps(loader.state_dict())
-                               for j, loader in self.train_streams.items()}}
+                "dataloader": self.train_data.checkpoint_entry()}
 
     def _maybe_resume(self) -> int | None:
         requested = self.config.checkpoint.resume_from_step.strip().lower()
         if requested in ("-1", ""):
             return None
+        step = self.checkpointer.resolve_step("latest" if requested == "latest" else int(requested))
         states = self._checkpoint_states()
-        step = self.checkpointer.load("latest" if requested == "latest" else int(requested), states)
-        for key, loader in self.train_streams.items():
-            loader.load_state_dict(json.loads(states["dataloader"][f"stream_{key}"]))
+        # a changed global batch or sequence length is refused by name before anything loads
+        with_data = self.train_data.check_checkpoint(self.checkpointer.step_dir(step))
+        states["dataloader"] = self.train_data.load_keys()
+        if not with_data:
+            del states["dataloader"]  # an older checkpoint's data state: the data starts over (warned)
+        step = self.checkpointer.load(step, states)
+        if with_data:
+            self.train_data.load(states["dataloader"])
         logger.info(f"Resumed from {self.run_dir}/step-{step:06d} (step {self.state.step}, "
                     f"{self.state.tokens_seen:,} tokens seen)")
         return self.state.step
@@ -185,7 +244,9 @@ class Trainer:
                                     "total_training_time": self.state.total_training_time})
 
     def evaluate_core(self, step: int) -> None:
-        from titanlite.eval.core import evaluate_core
+        from torch.distributed.tensor import DTensor
+
+        from titanlite.eval.core import core_line, core_settings, evaluate_core
         from titanlite.paths import cache_dir
 
         bundle = Path(self.config.eval.eval_bundle_dir or cache_dir() / "eval_bundle")
@@ -193,14 +254,19 @@ class Trainer:
             logger.info(f"step {step:05d} | CORE: not available (no eval bundle at {bundle}; run "
                         f"scripts/download_eval_bundle.py or scripts/prepare_core_offline.py)")
             return
+        # a sharded model was given FSDP param_dtype = the training compute dtype (_build_model), which FSDP
+        # imposes on the sharded blocks whatever the model's compute dtype says
+        sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        settings = core_settings(self.config.eval, self.plan.seq_len, self.device.type,
+                                 fsdp_param_dtype=self.compute_dtype if sharded else None)
         self.model.eval()
-        with self._eval_context(eager=True):
+        with self._eval_context(eager=True):  # eager: CORE's shapes and dtype would only churn recompilations
             result = evaluate_core(self.model, self.tokenizer, bundle, self.config.eval.core_metric_max_per_task,
                                    device=self.device, rank=self.world.rank, world_size=self.world.world_size,
-                                   max_seq_len=self.plan.seq_len)
+                                   max_seq_len=settings.crop_len, dtype=settings.dtype)
         self.model.train()
         self.state.last_core = result.core
-        logger.info(f"step {step:05d} | {result.label}: {result.core:.4f} ({result.examples_per_second:.1f} ex/s)")
+        logger.info(f"step {step:05d} | {core_line(result, settings.note)}")
         values = {"core_metric": result.core, "total_training_flops": self._flops_so_far(step)}
         values.update({f"core/{task}": score for task, score in result.centered.items()})
         self.metrics.scalars(step, values)
@@ -247,16 +313,65 @@ class Trainer:
                             f"learning rates (e.g. --optimizer.matrix_lr) or check the data")
 
     def _position(self) -> str:
-        pos = next(iter(self.train_streams.values())).position()
-        return f"epoch: {pos['epoch']} shard: {pos['shard']} rg: {pos['row_group']}"
+        return self.train_data.position()
 
     def _save(self, step: int, final: bool) -> None:
         if not self.config.checkpoint.enabled:
             return
+        # "checkpoint saved" is printed by the checkpointer once the folder is complete (async: later)
         self.checkpointer.save(step, self._checkpoint_states(), final=final)
-        logger.info(f"step {step:05d} | checkpoint saved to {self.run_dir}/step-{step:06d}")
+
+    def _step_boundary(self) -> bool:
+        """Between steps: publish a finished async save, and return whether any rank got SIGTERM.
+
+        Both are decided on all ranks together, so every rank publishes, saves and stops at the same step (the
+        save is collective). With several processes that is one all-reduce of two ints per step on a CPU gloo
+        group: about 0.1 ms and no device sync, small next to a step; per step rather than per logging step,
+        because a preemption notice leaves seconds (torchrun waits 30 s by default before SIGKILL).
+        """
+        pending = self.checkpointer.pending_done()
+        if not self._sigterm_armed and pending is None:
+            return False
+        stop, unfinished = self._sigterm_received, pending is False
+        if self._control_group is not None:
+            import torch.distributed as dist
+
+            flags = torch.tensor([int(stop), int(unfinished)], dtype=torch.int64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control_group)
+            stop, unfinished = (bool(v) for v in flags.tolist())  # a CPU tensor: no device sync
+        if pending is not None and not unfinished:
+            self.checkpointer.wait()  # prints "checkpoint saved", or raises the failure as one line
+        return stop
+
+    @contextlib.contextmanager
+    def _sigterm_handler(self):
+        """SIGTERM (a scheduler's preemption notice) only sets a flag; the loop saves and stops at the next
+        step boundary (_step_boundary)."""
+        if not self._sigterm_armed:
+            yield
+            return
+
+        def note(signum, frame):
+            self._sigterm_received = True
+
+        previous = signal.signal(signal.SIGTERM, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _preempted(self, step: int, saved: bool) -> Stop:
+        where = (f"checkpoint saved to {self.checkpointer.step_dir(step)}" if saved else
+                 f"no step since the checkpoint {self.checkpointer.step_dir(step)}, nothing new to save"
+                 if self.checkpointer.step_dir(step).is_dir() else "no step done, nothing to save")
+        line = f"stopped by SIGTERM after step {step}: {where}; resume with --checkpoint.resume_from_step=latest"
+        return Stop(line if self.is_main else "", SIGTERM_EXIT_CODE)
 
     def train(self) -> dict:
+        with self._sigterm_handler():
+            return self._loop()
+
+    def _loop(self) -> dict:
         cfg, plan, state = self.config, self.plan, self.state
         num_iterations = plan.num_iterations
         ev = cfg.eval
@@ -265,10 +380,14 @@ class Trainer:
         while True:
             step = state.step
             last = step == num_iterations
+            preempted = self._step_boundary()
             evals = (_due(step, ev.eval_every, last, at_zero=True), _due(step, ev.core_metric_every, last, False),
                      _due(step, ev.sample_every, last, at_zero=False))
-            save = last or (_due(step, cfg.checkpoint.save_every, False, at_zero=False)
-                            and step != self.resumed_step)
+            if preempted:
+                evals = (False, False, False)  # the grace period is for the checkpoint
+            save = last or (step != self.resumed_step
+                            and (_due(step, cfg.checkpoint.save_every, False, at_zero=False)
+                                 or (preempted and step > 0)))
             stop = last or step == cfg.debug.stop_after_steps
             if unchecked_loss is not None and (any(evals) or save or stop):
                 self._check_finite(self._global_loss(unchecked_loss), step - 1)  # never save a diverged model
@@ -283,8 +402,10 @@ class Trainer:
                     self.sample(step)
                 step_start = None
             if save:
-                self._save(step, final=last)
+                self._save(step, final=last or preempted)
                 step_start = None
+            if preempted:
+                raise self._preempted(step, saved=save and self.config.checkpoint.enabled)
             if stop:
                 break
             if step_start is None:
@@ -294,7 +415,9 @@ class Trainer:
             local_loss = self.train_step(step)
             state.step = step + 1
             state.tokens_seen += plan.total_batch_size
-            if step == 0:  # the reference's GC policy: freeze what exists after the first step
+            # the reference's GC policy: freeze what exists after the first step this process runs (a resumed
+            # run's first step is the resumed one, not step 0)
+            if step == (self.resumed_step or 0):
                 gc.collect()
                 gc.freeze()
                 gc.disable()
@@ -364,17 +487,30 @@ class Trainer:
             "peak_memory_mib": peak,
         }
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            with reported_fs_errors("write", self.run_dir / "summary.json", RUN_DIR_ADVICE):
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release everything; `failed`: after an error, when the ranks may no longer meet, so an async save
+        still in flight is left unpublished (its `.tmp` is cleared by the next run) and a TensorBoard close
+        error does not hide the first one."""
         gc.unfreeze()
         gc.enable()
-        for loader in list(self.train_streams.values()) + [self.val_loader]:
-            if hasattr(loader, "close"):
-                loader.close()
-        self.checkpointer.close()
-        self.metrics.close()
+        try:
+            for loader in list(self.train_streams.values()) + [self.val_loader]:
+                if hasattr(loader, "close"):
+                    loader.close()
+            if failed:
+                self.checkpointer.abandon_pending()
+                with contextlib.suppress(UserError):
+                    self.metrics.close()
+            else:
+                self.checkpointer.close()
+                self.metrics.close()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
 
 def _finite_or_none(value: float):
@@ -398,14 +534,19 @@ def run_training(config) -> int:
     from titanlite.device import is_out_of_memory, out_of_memory_message
 
     trainer = Trainer(config)
+    failed = True
     try:
         trainer.train()
+        failed = False
+    except Stop:
+        failed = False  # a collective stop (SIGTERM): every rank is here, the checkpoint is complete
+        raise
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):
             raise UserError(out_of_memory_message(config.training.device_batch_size, trainer.device)) from None
         raise
     finally:
-        trainer.close()
+        trainer.close(failed=failed)
     return 0
 
 
@@ -424,8 +565,25 @@ def cli_entry(main_fn) -> None:
     code = run_cli(main_fn)
     from titanlite.distributed import teardown_distributed
 
+    if code == SIGTERM_EXIT_CODE:
+        _leave_process_group_together(code)
     teardown_distributed(code)  # under torchrun: barrier/destroy/os._exit (avoids gloo's exit-time abort)
     sys.exit(code)
+
+
+def _leave_process_group_together(code: int) -> None:
+    """After a SIGTERM stop every rank saved and stopped at the same step, so they can leave the process group
+    in the order that avoids gloo's exit-time abort (barrier, destroy, flush, os._exit) and keep the exit code;
+    teardown_distributed does this only for successful runs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cli_main() -> None:

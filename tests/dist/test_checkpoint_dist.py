@@ -2,7 +2,8 @@
 
 Two ways a save dies midway: (1) 2 gloo ranks, rank 1's storage write fails after writing part of its file
 (DCP then fails the save on every rank); (2) a single process SIGKILLed while writing. The same 2-rank
-workers also check an async save (its own gloo group) that training keeps running through.
+workers also check an async save (its own gloo group) that training keeps running through. And a preemption:
+SIGTERM to one torchrun worker makes both save the step reached and exit 143.
 """
 
 import multiprocessing
@@ -134,6 +135,106 @@ def test_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert fingerprint(model) == fingerprint(build(world, seed=1)) and state.step == 1
     manager.save(2, {"model": model, "train_state": state})  # the next save cleans the leftovers
     assert not (folder / ".step-000002.tmp").exists() and list_steps(folder) == [1, 2]
+
+
+# ----- SIGTERM under torchrun: every rank takes part in the save, even one that never got the signal -----------
+
+TRAIN_ARGS = [
+    "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
+    "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
+    "--training.device_batch_size=2", "--training.total_batch_size=256", "--training.num_iterations=1000",
+    "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=-1",
+    "--metrics.log_every=1", "--metrics.tensorboard=false", "--compile.enabled=false", "--metrics.peak_flops=1e12",
+    "--lr_scheduler.warmup_steps=2",
+]
+
+
+def _train_worker(rank, world_size, dump_folder, extra):
+    from titanlite import train
+    from titanlite.config import load_config
+
+    trainer = train.Trainer(load_config(TRAIN_ARGS + [f"--job.dump_folder={dump_folder}", *extra]))
+    try:
+        trainer.train()
+        return dict(trainer.loss_history)
+    finally:
+        trainer.close()
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The PID of torchrun's worker with RANK=`rank` (read from the children's environments)."""
+    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                try:
+                    with open(f"/proc/{child}/environ", "rb") as env:
+                        if f"RANK={rank}".encode() in env.read().split(b"\0"):
+                            return int(child)
+                except OSError:
+                    continue
+    return None
+
+
+def test_sigterm_to_one_torchrun_worker_stops_both_with_one_checkpoint(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TITANLITE_HOME", str(home))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    from titanlite.config import load_config
+    from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
+
+    prepare_corpus(load_config(TRAIN_ARGS).data)
+    prepare_tokenizer(load_config(TRAIN_ARGS).data)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "titanlite.train", *TRAIN_ARGS, f"--job.dump_folder={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    err_lines: list[str] = []
+    # one reader per pipe, and nothing else reads them: communicate() would race the stdout reader for lines
+    readers = [threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True),
+               threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("step 00002/") for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.02)
+        # only rank 1 is told: rank 0 learns it at the next step boundary and saves with it
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+        proc.wait(timeout=300)
+        for reader in readers:
+            reader.join(timeout=30)
+        err = "".join(err_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = tmp_path / "d2"
+    steps = list_steps(run)
+    assert len(steps) == 1, err[-3000:]
+    reached = steps[0]
+    assert sorted(p.name for p in (run / f"step-{reached:06d}").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    stop_lines = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    saved = run / f"step-{reached:06d}"
+    assert stop_lines == [f"stopped by SIGTERM after step {reached}: checkpoint saved to {saved}; "
+                          "resume with --checkpoint.resume_from_step=latest"]  # rank 0 speaks for both
+    assert err.count("exitcode  : 143") == 2, err[-3000:]  # torchrun's summary of both workers
+
+    stop = [f"--debug.stop_after_steps={reached + 2}"]
+    straight = run_in_processes(_train_worker, 2, args=(tmp_path / "straight", stop), timeout=300)[0]
+    resumed = run_in_processes(_train_worker, 2, args=(tmp_path, stop + ["--checkpoint.resume_from_step=latest"]),
+                               timeout=300)[0]
+    assert sorted(resumed) == [reached + 1, reached + 2]
+    for step in resumed:
+        assert resumed[step] == straight[step], step  # bitwise: same 2-process layout
 
 
 if __name__ == "__main__":

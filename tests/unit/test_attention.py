@@ -83,14 +83,16 @@ def test_select_on_cpu_warns_and_prefers_sdpa():
     name, lines = select_attention_backend("auto", "cpu", torch.float32, "SSSL")
     assert name == "sdpa"
     assert lines[0] == ("WARNING: Flash Attention 3 not available, using PyTorch SDPA fallback. "
-                        "Training will be less efficient.")
+                        "Training will be less efficient. Skipped: FA3 (kernel hub), FA3 (flash_attn_interface), "
+                        "FA4 (flash-attn-4), flash-attn 2: no CUDA GPU; flex_attention: no backward on cpu in "
+                        "this PyTorch (forward only).")
     assert lines[1].startswith("WARNING: SDPA has no support for sliding window attention (pattern SSSL)")
     assert "GPU utilization will be terrible" in lines[1] and "--window-pattern L" in lines[1]
     name, lines = select_attention_backend("auto", "cpu", torch.bfloat16, "L")
     assert name == "sdpa" and len(lines) == 1
 
 
-@pytest.mark.parametrize("forced", ["fa3", "flash_attn", "flex"])
+@pytest.mark.parametrize("forced", ["fa3", "fa4", "flash_attn", "flex"])
 def test_forcing_an_unavailable_backend_is_a_user_error(forced):
     assert not backend_available(forced, "cpu", torch.bfloat16)[0]
     with pytest.raises(UserError, match=f"model.attention_backend = '{forced}' is not available"):
@@ -105,7 +107,7 @@ def test_unknown_backend_and_forced_sdpa():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["fa3", "flash_attn", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["fa3", "fa4", "flash_attn", "flex", "sdpa"])
 @pytest.mark.parametrize("t_q,t_k,h_kv,window", [(256, 256, 4, 300), (256, 256, 2, 63), (64, 256, 4, 63)])
 def test_gpu_backends_match_reference(backend, t_q, t_k, h_kv, window):
     dtype = torch.bfloat16

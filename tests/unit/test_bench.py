@@ -42,3 +42,44 @@ def test_bench_smoke_json_has_every_field(tmp_path):
     assert len({v["peak_flops"] for v in report["variants"]}) == 1
     best = max(sum(max(m["fp32"] for m in rank) for rank in v["peaks_measured"]) for v in report["variants"])
     assert report["variants"][0]["peak_flops"] == best
+
+
+def test_cuda_profile_counts_kernel_time_once_and_gemms_as_matmul():
+    """A synthetic CUDA profile: aten rows carry the device time of the kernels they launch, and the kernel
+    rows carry it again; only the kernel rows count, GEMM kernels are matmul."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from scripts.bench import split_profile
+
+    def row(key, device_type, device_us, cpu_us=0.0):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us)
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    rows = [
+        row("aten::mm", cpu, 700.0, 40.0),                       # launches the two GEMM kernels below
+        row("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", cuda, 500.0),
+        row("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTT", cuda, 200.0),
+        row("aten::_scaled_mm", cpu, 100.0, 10.0),
+        row("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_cublaslt", cuda, 100.0),
+        row("aten::_flash_attention_forward", cpu, 300.0, 20.0),
+        row("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, true>", cuda, 300.0),
+        row("triton_tem_fused_mm_relu_0", cuda, 50.0),           # inductor's matmul template
+        row("triton_poi_fused_add_mul_1", cuda, 80.0),           # inductor's elementwise kernel
+        row("ncclDevKernel_AllGather_RING_LL", cuda, 120.0),
+        row("nccl:_all_gather_base", cpu, 120.0, 5.0),
+        row("Memcpy HtoD (Pageable -> Device)", cuda, 30.0),
+        row("aten::add_", cpu, 0.0, 15.0),
+    ]
+    split, top = split_profile(rows, on_gpu=True)
+    seconds = {k: round(v * 1e6, 6) for k, v in split.items()}
+    assert seconds == {"matmul": 850.0, "attention": 300.0, "communication": 120.0, "other_ops": 110.0}
+    assert sum(seconds.values()) == 1380.0  # the kernel rows once; the aten rows (1220 us) not again
+    assert top[0] == (500e-6, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
+
+    # on CPU the ops' own self CPU time is the work and device rows do not exist
+    split, _ = split_profile([r for r in rows if r.device_type == cpu], on_gpu=False)
+    assert {k: round(v * 1e6, 6) for k, v in split.items()} == {
+        "matmul": 50.0, "attention": 20.0, "communication": 5.0, "other_ops": 15.0}

@@ -187,3 +187,95 @@ def test_export_to_safetensors_and_load(tmp_path):
         load_exported(tmp_path)
     with pytest.raises(UserError, match="available steps: 4"):
         export_main([str(tmp_path / "run"), "--step", "9"])
+
+
+def test_tokenizer_fingerprint_is_checked_and_old_checkpoints_load(tmp_path):
+    from titanlite.checkpoint import CheckpointManager
+
+    model, optimizer, state = trained(1)
+    old = manager(tmp_path)  # a checkpoint written before fingerprints existed
+    old.save(1, states_of(model, optimizer, state))
+    assert json.loads((tmp_path / "run" / "step-000001" / "meta.json").read_text())["tokenizer_fingerprint"] is None
+    ours = CheckpointManager(CheckpointConfig(), tmp_path / "run", WORLD, tokenizer_fingerprint="a" * 64)
+    assert ours.load(1, states_of(model, optimizer, state)) == 1
+    ours.save(2, states_of(model, optimizer, state))
+    assert ours.load(2, states_of(model, optimizer, state)) == 2
+    other = CheckpointManager(CheckpointConfig(), tmp_path / "run", WORLD, tokenizer_fingerprint="b" * 64)
+    with pytest.raises(UserError, match=r"step-000002 was trained with another tokenizer \(fingerprint aaaaaaaaaaaa, "
+                                        r"the configured one is bbbbbbbbbbbb\)"):
+        other.load(2, states_of(model, optimizer, state))
+    assert other.load(1, states_of(model, optimizer, state)) == 1
+
+
+def test_tokenizer_fingerprint_changes_with_any_rank_or_special():
+    from titanlite.data.tokenizer import Tokenizer
+
+    ranks = {bytes([i]): i for i in range(256)}
+    base = Tokenizer(ranks).fingerprint()
+    assert base == Tokenizer(dict(ranks)).fingerprint() and len(base) == 64
+    swapped = dict(ranks) | {b"a": ranks[b"b"], b"b": ranks[b"a"]}
+    assert Tokenizer(swapped).fingerprint() != base
+    assert Tokenizer(ranks, special_tokens=("<|bos|>",)).fingerprint() != base
+
+
+def test_remove_interrupted_saves_puts_back_a_step_caught_between_renames(tmp_path):
+    from titanlite.checkpoint import remove_interrupted_saves
+
+    ckpt = manager(tmp_path)
+    model, optimizer, state = trained(1)
+    ckpt.save(1, states_of(model, optimizer, state))
+    ckpt.save(2, states_of(model, optimizer, state))
+    run = tmp_path / "run"
+    # re-saving step 2 was killed after moving the old copy aside and before renaming the new one in
+    (run / "step-000002").rename(run / ".step-000002.replaced")
+    (run / ".step-000002.tmp").mkdir()
+    (run / ".step-000001.replaced").mkdir()  # a leftover whose step is complete: just removed
+    remove_interrupted_saves(run)
+    assert sorted(p.name for p in run.iterdir()) == ["step-000001", "step-000002"]
+    assert ckpt.load("latest", states_of(model, optimizer, state)) == 2
+
+
+def test_sync_save_failure_removes_tmp_and_names_cause(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    ckpt = manager(tmp_path)
+    model, optimizer, state = trained(1)
+    ckpt.save(1, states_of(model, optimizer, state))
+    raised = []
+
+    def full_disk(self, plan, planner):
+        (self.path / "__0_0.distcp").write_bytes(b"\0" * 100)  # part of a shard made it to disk
+        try:
+            torch.save(torch.zeros(64), _Filling(budget=100, err=errno.ENOSPC))
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(UserError, match=r"could not save checkpoint step 2: .*\.step-000002\.tmp: no space left on "
+                                        r"device; the partial save was removed and the last complete checkpoint, "
+                                        r".*step-000001, is intact"):
+        ckpt.save(2, states_of(model, optimizer, state))
+    # what torch itself raised is the opaque form users saw: the errno is only in the exception's context
+    assert isinstance(raised[0], RuntimeError) and "unexpected pos" in str(raised[0])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-000001"]
+
+
+class _Filling:
+    """A file on a disk that fills up after `budget` bytes."""
+
+    def __init__(self, budget: int, err: int):
+        self.budget, self.err = budget, err
+
+    def write(self, data):
+        import os
+
+        if len(data) > self.budget:
+            raise OSError(self.err, os.strerror(self.err))
+        self.budget -= len(data)
+        return len(data)
+
+    def flush(self):
+        pass

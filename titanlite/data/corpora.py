@@ -8,7 +8,9 @@
 - `climbmix` / `fineweb_edu`: the recipe's pre-shuffled web-scale shards, downloaded (download.py).
 
 Every corpus ends up as `shard_00000.parquet ... shard_NNNNN.parquet` for training plus one validation
-shard that sorts last by name (the split rule in shards.py).
+shard that sorts last by name (the split rule in shards.py). Shards are only written into a folder titanlite
+prepared before (its manifest is there) or a missing/empty one (shards.claim_folder); `local` without
+`local_path` trains on ready shards in `data_dir` and writes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from titanlite.logging_utils import logger
 from titanlite.paths import cache_dir
 from titanlite.progress import Progress
 
-MANIFEST_FILE = "corpus.json"
+MANIFEST_FILE = shards.MANIFEST_FILE
 VAL_SHARD_NAME = "shard_val.parquet"  # "v" sorts after every digit, so this is always the last file
 SHUFFLE_SEED = 42
 EMBEDDED_VAL_FRACTION = 0.05
@@ -117,8 +119,25 @@ def embedded_documents() -> list[str]:
 @dataclass
 class LocalScan:
     docs: list[str] = field(default_factory=list)
-    skipped_non_utf8: int = 0  # files (.txt) or lines (.jsonl) that are not valid UTF-8
+    # not valid UTF-8 (.txt files, .jsonl lines, parquet rows), null (parquet rows, "text": null), empty or
+    # whitespace only
+    skipped: shards.Skipped = field(default_factory=shards.Skipped)
     skipped_malformed: int = 0  # .jsonl lines that are not JSON objects with a string `text`
+
+    @property
+    def skipped_non_utf8(self) -> int:
+        return self.skipped.not_utf8
+
+    def summary(self, folder: Path) -> str | None:
+        """One line for everything left out, None when nothing was."""
+        parts = [self.skipped.describe()] if self.skipped.total else []
+        if self.skipped_malformed:
+            parts.append(f"{self.skipped_malformed} .jsonl lines without a string 'text' field")
+        if not parts:
+            return None
+        left_out = self.skipped.total + self.skipped_malformed
+        return (f"warning: skipped {left_out:,} of {left_out + len(self.docs):,} documents in {folder}: "
+                f"{', '.join(parts)}")
 
 
 def _local_files(folder: Path) -> list[Path]:
@@ -142,7 +161,7 @@ def read_local_documents(folder: Path) -> LocalScan:
                 try:
                     scan.docs.append(path.read_bytes().decode("utf-8"))
                 except UnicodeDecodeError:
-                    scan.skipped_non_utf8 += 1
+                    scan.skipped.not_utf8 += 1
             elif suffix == ".jsonl":
                 with open(path, "rb") as f:
                     for raw in f:
@@ -151,10 +170,13 @@ def read_local_documents(folder: Path) -> LocalScan:
                         try:
                             record = json.loads(raw.decode("utf-8"))
                         except UnicodeDecodeError:
-                            scan.skipped_non_utf8 += 1
+                            scan.skipped.not_utf8 += 1
                             continue
                         except ValueError:
                             scan.skipped_malformed += 1
+                            continue
+                        if isinstance(record, dict) and "text" in record and record["text"] is None:
+                            scan.skipped.null += 1
                             continue
                         text = record.get("text") if isinstance(record, dict) else None
                         if isinstance(text, str):
@@ -162,17 +184,18 @@ def read_local_documents(folder: Path) -> LocalScan:
                         else:
                             scan.skipped_malformed += 1
             else:
-                pf = shards.open_shard(path)
+                pf = shards.open_shard(path)  # a non-string `text` column stops here, naming its type
                 for rg in range(pf.num_row_groups):
-                    scan.docs.extend(t for t in shards.read_row_group(pf, rg, path) if t)
+                    texts = shards.read_row_group(pf, rg, path, scan.skipped)
+                    scan.docs.extend(t for t in texts if t)  # "" was counted as empty by read_row_group
             bar.update(1)
-    scan.docs = [d for d in scan.docs if d.strip()]
-    if scan.skipped_non_utf8:
-        logger.warning(f"warning: skipped {scan.skipped_non_utf8} non-UTF-8 documents in {folder} "
-                       f"(.txt files / .jsonl lines); re-encode them as UTF-8 to use them")
-    if scan.skipped_malformed:
-        logger.warning(f"warning: skipped {scan.skipped_malformed} .jsonl lines in {folder} that are not "
-                       f"JSON objects with a string 'text' field")
+    blank = sum(1 for d in scan.docs if not d.strip())
+    if blank:
+        scan.docs = [d for d in scan.docs if d.strip()]
+        scan.skipped.empty += blank
+    line = scan.summary(folder)
+    if line:
+        logger.warning(line)
     if not scan.docs:
         raise UserError(f"no usable documents in {folder} (all files empty or skipped); "
                         f"check that the files hold UTF-8 text")
@@ -212,14 +235,21 @@ def _chunks(docs: list[str], max_chars: int) -> Iterator[list[str]]:
 def write_corpus(docs: list[str], out_dir: Path, manifest: dict, val_fraction: float,
                  shard_chars: int, seed: int = SHUFFLE_SEED) -> Path:
     """Shuffle documents (fixed seed), hold out the validation shard, write train shards, then the
-    manifest last: a folder with a manifest is complete."""
+    manifest last: a folder with a complete manifest is complete.
+
+    Writes only into a folder titanlite prepared (for the same source) or a missing/empty one, and removes
+    only the shard files it writes itself there."""
     if len(docs) < 2:
         raise UserError(f"the corpus for {out_dir} has {len(docs)} document(s); at least 2 are needed "
                         f"(one for training, one for validation)")
+    shards.claim_folder(out_dir, manifest["source"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    for old in out_dir.glob("*.parquet"):
-        old.unlink()
+    # An incomplete manifest first: the folder stays titanlite's (claimable) if this is interrupted, but no
+    # longer matches, so the next run rebuilds it.
+    shards.write_manifest(out_dir, {"source": manifest["source"], "complete": False})
+    for old in out_dir.iterdir():
+        if shards.OWN_SHARD.fullmatch(old.name):
+            old.unlink()
     docs = list(docs)
     random.Random(seed).shuffle(docs)
     num_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
@@ -233,17 +263,17 @@ def write_corpus(docs: list[str], out_dir: Path, manifest: dict, val_fraction: f
         shards.write_shard(out_dir / VAL_SHARD_NAME, val, row_group_size_for(len(val)))
         bar.update(1)
     manifest = dict(manifest, num_train_docs=len(train), num_val_docs=len(val),
-                    num_train_shards=len(train_parts), train_row_group_docs=train_rg)
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+                    num_train_shards=len(train_parts), train_row_group_docs=train_rg,
+                    train_bytes=sum(len(d.encode("utf-8")) for d in train))  # for the epoch estimate
+    shards.write_manifest(out_dir, manifest)
     logger.info(f"data: wrote {len(train):,} train docs in {len(train_parts)} shard(s) + {len(val):,} val docs "
                 f"to {out_dir}")
     return out_dir
 
 
 def _manifest_matches(data_dir: Path, expected: dict) -> bool:
-    try:
-        found = json.loads((data_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    found = shards.read_manifest(data_dir)
+    if not found or found.get("complete") is False:
         return False
     return all(found.get(k) == v for k, v in expected.items()) and shards.shards_ready(data_dir)
 
@@ -261,24 +291,30 @@ def prepare_corpus(data_cfg) -> Path:
                     "val_fraction": EMBEDDED_VAL_FRACTION}
         if _manifest_matches(data_dir, expected):
             return data_dir
+        shards.claim_folder(data_dir, "embedded")  # before the work of building it (write_corpus checks again)
         logger.info(f"data: building the embedded corpus (Shakespeare + KJV Bible) in {data_dir}")
         return write_corpus(embedded_documents(), data_dir, expected, EMBEDDED_VAL_FRACTION, EMBEDDED_SHARD_CHARS)
     if dataset == "local":
         if not data_cfg.local_path:
-            if data_dir.is_dir() and shards.shards_ready(data_dir):
-                return data_dir  # shards made earlier (or by the user) with no source folder to rebuild from
-            raise UserError("data.dataset=local needs data.local_path: a folder of .txt, .jsonl or .parquet "
-                            "files (or data.data_dir pointing at ready parquet shards)")
+            # shards made elsewhere (e.g. the reference trainer's shard_*.parquet) or earlier: used as they are
+            try:
+                shards.check_ready(data_dir)
+            except UserError as exc:
+                raise UserError(f"data.dataset=local needs data.local_path (a folder of .txt, .jsonl or .parquet "
+                                f"files) or data.data_dir pointing at ready parquet shards; {exc}") from None
+            return data_dir
         folder = Path(data_cfg.local_path).expanduser().resolve()
         expected = {"source": "local", "path": str(folder), "fingerprint": local_fingerprint(folder),
                     "seed": SHUFFLE_SEED, "val_fraction": LOCAL_VAL_FRACTION}
         if _manifest_matches(data_dir, expected):
             return data_dir
+        shards.claim_folder(data_dir, "local")
         scan = read_local_documents(folder)
-        expected.update(skipped_non_utf8=scan.skipped_non_utf8)
+        expected.update(skipped_non_utf8=scan.skipped.not_utf8, skipped_null=scan.skipped.null,
+                        skipped_empty=scan.skipped.empty)
         return write_corpus(scan.docs, data_dir, expected, LOCAL_VAL_FRACTION, LOCAL_SHARD_CHARS)
     if dataset in download.DATASETS:
-        download.download_shards(dataset, data_dir, num_shards=data_cfg.num_shards)
+        download.download_shards(dataset, data_dir, num_shards=data_cfg.num_shards)  # claims the folder itself
         return data_dir
     raise UserError(f"unknown data.dataset {dataset!r}; choose one of embedded, local, "
                     f"{', '.join(download.DATASETS)}")

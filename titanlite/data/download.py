@@ -4,12 +4,17 @@ Parallel (threads), with retries and exponential backoff. Bytes go to `<shard>.t
 only when it is complete and its parquet footer reads, so a shard name always means a whole shard. An
 interrupted download resumes from the bytes already on disk (HTTP Range). Plain urllib: no extra dependency.
 `HF_ENDPOINT` (the usual Hugging Face mirror variable) replaces https://huggingface.co.
+
+Shards are only fetched into a folder that is missing, empty, titanlite's own download of the same dataset
+(its manifest is there), or holds nothing but that dataset's shard files (a download by an older titanlite or
+by the reference trainer: the same files under the same names, so taking it over loses nothing).
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import threading
 import time
@@ -25,6 +30,7 @@ from titanlite.logging_utils import logger
 from titanlite.progress import Progress
 
 CHUNK_BYTES = 1 << 20
+DOWNLOADED_FILE = re.compile(r"shard_\d{5}\.parquet(\.tmp)?")
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,10 @@ def download_shards(dataset: str | RemoteDataset, data_dir: Path, num_shards: in
     """Make sure the shards exist in `data_dir`; already complete shards are not fetched again."""
     remote = DATASETS[dataset] if isinstance(dataset, str) else dataset
     data_dir = Path(data_dir)
+    manifest = shards.claim_folder(data_dir, remote.repo, adoptable=DOWNLOADED_FILE)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if manifest is None:  # written first: an interrupted download is still recognised as ours
+        shards.write_manifest(data_dir, {"source": remote.repo})
     wanted = [(i, data_dir / shard_name(i)) for i in shard_indices(remote, num_shards)]
     todo = [(i, path) for i, path in wanted if not _present(path)]
     if todo:

@@ -1,25 +1,32 @@
 """BOS-aligned best-fit packing loader with exact resume (recipe §5.2-5.3).
 
-Pipeline per rank: DocStream (this rank's row groups, tokenised 128 docs at a time, BOS first)
--> BestFitPacker (a buffer of ~1000 docs) -> rows of T+1 tokens -> inputs/targets (B, T) int64.
+Pipeline: ShardIndex (a split's footers, once per process) -> DocStream (stream k of S: the split's row groups,
+repeated forever, dealt out round-robin; tokenised 128 docs at a time, BOS first) -> RowStream (a best-fit buffer
+of ~1000 docs packing rows of T+1 tokens) -> PackingLoader (a batch = rows of one or more RowStreams stacked)
+-> inputs/targets (B, T) int64.
 
-Exact resume: the packed batches depend on the doc buffer, so the state holds the stream position of the
-next unread document *and* the identities (file, row group, doc) of the documents in the buffer, in buffer
-order. Loading re-reads and re-tokenises those documents, which rebuilds the buffer bit for bit. The state
-is a snapshot taken right after each batch was packed and travels with the batch through the prefetch
-queue, so `state_dict()` always describes the batches already handed out, never the ones prefetched.
+A RowStream's rows do not depend on how many of them a batch takes, so the trainer gives every row of the global
+batch its own stream (data/streams.py) and any split of those rows into processes and micro-batches reads the
+same data. The validation loader is one stream per rank, `batch_size` rows at a time.
+
+Exact resume: the packed rows depend on the doc buffer, so a stream's state holds its position (items taken,
+next document within the item) *and* the identities (file, row group, doc) of the documents in the buffer, in
+buffer order. Loading re-reads and re-tokenises those documents, which rebuilds the buffer bit for bit. The state
+is a snapshot taken right after each batch was packed and travels with the batch through the prefetch queue, so
+`state_dict()` always describes the batches already handed out, never the ones prefetched.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import queue
 import threading
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,67 +37,156 @@ from titanlite.errors import UserError
 from titanlite.logging_utils import logger
 
 TOKENIZER_BATCH_DOCS = 128  # documents per refill (one tokenizer call)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-stream states (item, doc) of streams dealt row groups round-robin
+SHARED_ROW_GROUPS = 8  # decoded row groups kept per process (streams reading the same ones share them)
+
+
+class ShardIndex:
+    """One split's shards: their footers, read once per process and shared by all its streams.
+
+    The split is a sequence of row groups (file order, then row-group order). Decoded row groups are kept in a
+    small shared cache: when a split has fewer row groups than streams, every stream reads every row group.
+    """
+
+    def __init__(self, paths: Sequence[Path], split: str):
+        self.paths, self.split = list(paths), split
+        self.names_digest = hashlib.sha256("\n".join(p.name for p in self.paths).encode()).hexdigest()[:16]
+        files = [shards.open_shard(p) for p in self.paths]  # reads every footer: bad shards fail here, clearly
+        self.units: list[tuple[int, int]] = []  # (file, row group)
+        self.unit_docs: list[int] = []
+        self.text_bytes = 0  # uncompressed size of the text column, for the epoch estimate (data/epochs.py)
+        for f, pf in enumerate(files):
+            column = pf.schema_arrow.names.index(shards.TEXT_COLUMN)
+            for rg in range(pf.num_row_groups):
+                meta = pf.metadata.row_group(rg)
+                self.units.append((f, rg))
+                self.unit_docs.append(meta.num_rows)
+                # plain-encoded strings carry a 4-byte length each
+                self.text_bytes += max(0, meta.column(column).total_uncompressed_size - 4 * meta.num_rows)
+        self.doc_starts = list(itertools.accumulate(self.unit_docs, initial=0))  # first global doc of each unit
+        self.num_docs = self.doc_starts[-1]
+        self._cache: OrderedDict[tuple[int, int], tuple[list, shards.Skipped]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._warned = False
+
+    @classmethod
+    def of(cls, data_dir: Path, split: str) -> "ShardIndex":
+        return cls(shards.split_shards(Path(data_dir), split), split)
+
+    def row_group(self, file: int, rg: int) -> tuple[list, shards.Skipped]:
+        """Texts of a row group (None where a row is null or not UTF-8) and what it holds that is unusable."""
+        key = (file, rg)
+        with self._lock:  # streams of several loaders (threads) share the cache; decoding takes milliseconds
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            skipped = shards.Skipped()
+            path = self.paths[file]
+            texts = shards.read_row_group(shards.open_shard(path), rg, path, skipped)
+            self._cache[key] = (texts, skipped)
+            while len(self._cache) > SHARED_ROW_GROUPS:
+                self._cache.popitem(last=False)
+            return texts, skipped
+
+    def locate(self, doc: int) -> tuple[int, int, int]:
+        """(file, row group, row) of global document `doc`."""
+        unit = bisect.bisect_right(self.doc_starts, doc) - 1
+        file, rg = self.units[unit]
+        return file, rg, doc - self.doc_starts[unit]
+
+    def note_skipped(self, file: int, rg: int, skipped: shards.Skipped) -> None:
+        """One line per split and process, the first time a stream skips documents."""
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        logger.warning(f"warning: the {self.split} split has documents that are null, empty or not valid UTF-8; "
+                       f"they are skipped and counted in the loader's stats (first met in {self.paths[file].name} "
+                       f"row group {rg}: {skipped.describe()})")
 
 
 class DocStream:
-    """This rank's documents in a fixed order: files in name order; within a file, row groups
-    rank, rank+W, ...; within a row group, documents in row order. Infinite: wraps around, counting epochs."""
+    """Stream `stream` of `num_streams`: the split's items repeated forever (epochs) and dealt out round-robin,
+    so stream k takes items k, k+S, k+2S, ... An item is a row group, or a single document when the split has
+    fewer row groups than there are streams (a small corpus: every stream still gets documents).
 
-    def __init__(self, paths: list[Path], rank: int, world_size: int, tokenizer: Tokenizer, threads: int,
-                 split: str):
-        self.paths = paths
-        self.rank, self.world_size = rank, world_size
-        self.tokenizer, self.threads = tokenizer, threads
+    Position: `item` = items taken so far, `doc` = the next row within the current item.
+    """
+
+    def __init__(self, index: ShardIndex, stream: int, num_streams: int, tokenizer: Tokenizer, threads: int = 1):
+        if not 0 <= stream < num_streams:
+            raise ValueError(f"stream {stream} is not one of {num_streams} streams")
+        self.index, self.stream, self.num_streams = index, stream, num_streams
+        self.tokenizer, self.threads = tokenizer, max(1, threads)
         self.bos = tokenizer.bos_token_id
-        files = [shards.open_shard(p) for p in paths]  # reads every footer: bad shards fail here, clearly
-        self.row_groups = [pf.num_row_groups for pf in files]
-        # documents this rank reads per epoch (row groups rank, rank+W, ... of every file)
-        self.docs_per_epoch = sum(pf.metadata.row_group(rg).num_rows
-                                  for pf in files for rg in range(rank, pf.num_row_groups, world_size))
-        if not any(n > rank for n in self.row_groups):
-            raise UserError(f"the {split} split ({len(paths)} shard(s), at most {max(self.row_groups)} row groups "
-                            f"per shard) has no row group for rank {rank} of {world_size}: use fewer ranks or "
-                            f"shards with more row groups")
-        self.epoch, self.file, self.rg, self.doc = 1, 0, rank, 0
-        self._cached_key: tuple[int, int] | None = None
-        self._cached_texts: list[str] = []
-        self._open_file: tuple[int, Any] | None = None
+        self.by_doc = len(index.units) < num_streams
+        self.num_items = index.num_docs if self.by_doc else len(index.units)
+        self.item, self.doc = 0, 0
+        self.skipped = 0  # unusable documents passed over (each pass counts)
+        self._cached: tuple[tuple[int, int], list] | None = None
 
-    def position(self) -> tuple[int, int, int, int]:
-        return self.epoch, self.file, self.rg, self.doc
+    @property
+    def docs_per_epoch(self) -> int:
+        """Documents this stream reads per pass over the split, on average."""
+        return max(1, self.index.num_docs // self.num_streams)
 
-    def seek(self, epoch: int, file: int, rg: int, doc: int) -> None:
-        self.epoch, self.file, self.rg, self.doc = epoch, file, rg, doc
+    def epoch_of(self, item: int) -> int:
+        return (self.stream + item * self.num_streams) // self.num_items + 1
 
-    def _texts(self, file: int, rg: int) -> list[str]:
-        if self._cached_key != (file, rg):
-            if self._open_file is None or self._open_file[0] != file:
-                self._open_file = (file, shards.open_shard(self.paths[file]))
-            self._cached_texts = shards.read_row_group(self._open_file[1], rg, self.paths[file])
-            self._cached_key = (file, rg)
-        return self._cached_texts
+    @property
+    def epoch(self) -> int:
+        return self.epoch_of(self.item)
 
-    def _advance_to_readable(self) -> None:
-        while self.file >= len(self.paths) or self.rg >= self.row_groups[self.file]:
-            if self.file >= len(self.paths):
-                self.file, self.epoch = 0, self.epoch + 1
-            else:
-                self.file += 1
-            self.rg, self.doc = self.rank, 0
+    def item_at(self, item: int) -> tuple[int, int, int, int]:
+        """(file, row group, first row, rows) of the stream's `item`-th item."""
+        unit = (self.stream + item * self.num_streams) % self.num_items
+        if self.by_doc:
+            file, rg, row = self.index.locate(unit)
+            return file, rg, row, 1
+        file, rg = self.index.units[unit]
+        return file, rg, 0, self.index.unit_docs[unit]
+
+    def position(self) -> tuple[int, int]:
+        return self.item, self.doc
+
+    def seek(self, item: int, doc: int) -> None:
+        self.item, self.doc = item, doc
+
+    def _texts(self, file: int, rg: int) -> list:
+        if self._cached is None or self._cached[0] != (file, rg):
+            texts, skipped = self.index.row_group(file, rg)
+            if skipped.total:
+                self.index.note_skipped(file, rg, skipped)
+            self._cached = ((file, rg), texts)
+        return self._cached[1]
 
     def next_batch(self) -> tuple[list[np.ndarray], list[tuple[int, int, int]]]:
-        """Up to 128 tokenised documents (BOS first) and their identities."""
-        while True:
-            self._advance_to_readable()
-            texts = self._texts(self.file, self.rg)
-            if self.doc < len(texts):
-                break
-            self.rg, self.doc = self.rg + self.world_size, 0
-        chunk = texts[self.doc:self.doc + TOKENIZER_BATCH_DOCS]
-        idents = [(self.file, self.rg, self.doc + j) for j in range(len(chunk))]
-        self.doc += len(chunk)
-        return self.tokenizer.encode_arrays([t or "" for t in chunk], self.bos, self.threads), idents
+        """Up to 128 tokenised usable documents (BOS first) and their identities (file, row group, row)."""
+        texts, idents = [], []
+        barren = 0  # items passed without a usable document: a whole cycle of them means there are none
+        while len(texts) < TOKENIZER_BATCH_DOCS:
+            file, rg, first, rows = self.item_at(self.item)
+            if self.doc >= rows:
+                self.item, self.doc = self.item + 1, 0
+                barren = barren + 1 if not texts else 0
+                if barren > self.num_items:
+                    raise UserError(f"the {self.index.split} split holds no usable document for data stream "
+                                    f"{self.stream} of {self.num_streams} (every one it reads is null, empty or "
+                                    f"not valid UTF-8): use a corpus with more usable documents")
+                if texts:
+                    break  # one item per call at most once documents were found: batches stay row-group sized
+                continue
+            all_texts = self._texts(file, rg)
+            stop = min(rows, self.doc + TOKENIZER_BATCH_DOCS - len(texts))
+            for row in range(first + self.doc, first + stop):
+                text = all_texts[row]
+                if text:
+                    texts.append(text)
+                    idents.append((file, rg, row))
+                else:
+                    self.skipped += 1
+            self.doc = stop
+        return self.tokenizer.encode_arrays(texts, self.bos, self.threads), idents
 
     def read_documents(self, idents: list[tuple[int, int, int]]) -> list[np.ndarray]:
         """Tokenised documents by identity (to rebuild the buffer when resuming)."""
@@ -99,7 +195,7 @@ class DocStream:
             by_row_group[(file, rg)].append(i)
         out: list[np.ndarray | None] = [None] * len(idents)
         for (file, rg), positions in sorted(by_row_group.items()):
-            texts = self._texts(file, rg)
+            texts, _ = self.index.row_group(file, rg)
             arrays = self.tokenizer.encode_arrays([texts[idents[i][2]] or "" for i in positions], self.bos,
                                                   self.threads)
             for i, arr in zip(positions, arrays):
@@ -137,66 +233,33 @@ class BestFitPacker:
         tokens, _ = self._docs.pop(key[1])
         return tokens, fits
 
-    def identities(self) -> list[tuple[int, int, int]]:
-        return [ident for _, ident in self._docs.values()]
+    def identities(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(ident for _, ident in self._docs.values())
 
     def clear(self) -> None:
         self._keys.clear()
         self._docs.clear()
 
 
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
+class RowStream:
+    """One DocStream and its best-fit buffer: an endless sequence of rows of seq_len + 1 tokens."""
 
-
-class PackingLoader:
-    """Infinite iterator of (inputs, targets), each (B, T) int64 on `device`. Stateful and exact."""
-
-    def __init__(self, data_dir: Path, split: str, tokenizer: Tokenizer, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", buffer_docs: int = 1000,
-                 threads: int = 4, prefetch: int = 2):
-        if batch_size < 1 or seq_len < 1 or buffer_docs < 1:
-            raise ValueError("batch_size, seq_len and buffer_docs must be positive")
-        self.split = split
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.prefetch = prefetch
-        self.paths = shards.split_shards(Path(data_dir), split)
-        self.files_digest = hashlib.sha256("\n".join(p.name for p in self.paths).encode()).hexdigest()[:16]
-        self.stream = DocStream(self.paths, rank, world_size, tokenizer, max(1, threads), split)
+    def __init__(self, index: ShardIndex, stream: int, num_streams: int, tokenizer: Tokenizer, seq_len: int,
+                 buffer_docs: int, threads: int = 1):
+        self.stream, self.num_streams, self.seq_len = stream, num_streams, seq_len
+        self.docs = DocStream(index, stream, num_streams, tokenizer, threads)
         self.packer = BestFitPacker()
-        # A buffer larger than this rank's share of the split would hold several copies of the same documents
-        # (small val shards, the embedded corpus); cap it so every buffered document is distinct.
-        self.buffer_docs = max(1, min(buffer_docs, self.stream.docs_per_epoch))
-        self.tokens_kept = 0
-        self.tokens_read = 0
-        self.batches = 0
-        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._restore_pending = False
-        self._initial_state = self._snapshot()
-        self._consumed = self._initial_state
+        # A buffer larger than the stream's share of the split would hold several copies of the same documents
+        # (small val shards, small corpora); half the share keeps every buffered document distinct and a fresh
+        # stream in its first epoch.
+        self.buffer_docs = max(1, min(buffer_docs, self.docs.docs_per_epoch // 2))
+        self.tokens_kept = self.tokens_read = self.rows = 0
 
-    # ---- packing (producer side) ------------------------------------------------------------------------
-    def _snapshot(self) -> dict:
-        epoch, file, rg, doc = self.stream.position()
-        return {
-            "version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
-            "files": self.files_digest, "seq_len": self.seq_len, "batch_size": self.batch_size,
-            "buffer_docs": self.buffer_docs, "epoch": epoch, "file": file, "row_group": rg, "doc": doc,
-            "buffer": [x for ident in self.packer.identities() for x in ident],  # flat (file, rg, doc) triples
-            "tokens_kept": self.tokens_kept, "tokens_read": self.tokens_read, "batches": self.batches,
-        }
-
-    def _pack_rows(self) -> np.ndarray:
+    def pack(self, out: np.ndarray) -> None:
+        """Fill `out` (rows x (seq_len + 1)) with the next rows."""
         capacity = self.seq_len + 1
-        rows = np.empty((self.batch_size, capacity), dtype=np.int64)
-        packer, stream = self.packer, self.stream
-        for row in rows:
+        packer, stream = self.packer, self.docs
+        for row in out:
             pos = 0
             while pos < capacity:
                 while len(packer) < self.buffer_docs:
@@ -209,12 +272,94 @@ class PackingLoader:
                 row[pos:pos + n] = tokens[:n]
                 pos += n
                 self.tokens_read += len(tokens)
-        self.tokens_kept += rows.size
-        self.batches += 1
-        return rows
+        self.tokens_kept += out.size
+        self.rows += len(out)
+
+    def snapshot(self) -> dict:
+        item, doc = self.docs.position()
+        return {"stream": self.stream, "num_streams": self.num_streams, "seq_len": self.seq_len,
+                "buffer_docs": self.buffer_docs, "item": item, "doc": doc, "buffer": self.packer.identities(),
+                "tokens_kept": self.tokens_kept, "tokens_read": self.tokens_read, "rows": self.rows,
+                "skipped": self.docs.skipped}
+
+    @staticmethod
+    def portable(snapshot: dict) -> dict:
+        """A snapshot as plain JSON-able data (buffer identities flattened)."""
+        return dict(snapshot, buffer=[x for ident in snapshot["buffer"] for x in ident])
+
+    def restore(self, state: dict, exact: bool = True) -> None:
+        """Continue from `state`; `exact` False (the shards changed): keep the position, start with an empty
+        buffer (its document identities would point at other documents)."""
+        for key, ours in (("num_streams", self.num_streams), ("seq_len", self.seq_len), ("stream", self.stream)):
+            if state.get(key) != ours:
+                raise UserError(f"data stream state was saved with {key} {state.get(key)} but this loader has "
+                                f"{ours}: resume with the same global batch (training.total_batch_size) and "
+                                f"sequence length (model.max_seq_len), or start a fresh run")
+        self.packer.clear()
+        self.docs.seek(int(state["item"]), int(state["doc"]))
+        self.docs.skipped = int(state.get("skipped", 0))
+        self.tokens_kept, self.tokens_read, self.rows = state["tokens_kept"], state["tokens_read"], state["rows"]
+        if exact:
+            flat = state["buffer"]
+            idents = [tuple(int(x) for x in flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            for tokens, ident in zip(self.docs.read_documents(idents), idents):
+                self.packer.add(tokens, ident)
+            if state["buffer_docs"] != self.buffer_docs:
+                logger.warning("warning: data loader resumed with another buffer size (data.buffer_docs): the data "
+                               "order continues, but not as the original run would have")
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class PackingLoader:
+    """Infinite iterator of (inputs, targets), each (B, T) int64 on `device`. Stateful and exact.
+
+    A batch stacks the next rows of `streams` (ids among `num_streams`), batch_size / len(streams) rows each.
+    """
+
+    def __init__(self, data_dir: Path, split: str, tokenizer: Tokenizer, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", buffer_docs: int = 1000,
+                 threads: int = 4, prefetch: int = 2, streams: Sequence[int] | None = None,
+                 num_streams: int | None = None, index: ShardIndex | None = None):
+        if batch_size < 1 or seq_len < 1 or buffer_docs < 1:
+            raise ValueError("batch_size, seq_len and buffer_docs must be positive")
+        if streams is None:
+            streams, num_streams = [rank], world_size
+        if not streams or batch_size % len(streams):
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the {len(streams)} streams")
+        self.split = split
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.width = batch_size // len(streams)
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.index = index if index is not None else ShardIndex.of(Path(data_dir), split)
+        self.paths = self.index.paths
+        self.files_digest = self.index.names_digest
+        self.num_streams = num_streams
+        self.streams = [RowStream(self.index, g, num_streams, tokenizer, seq_len, buffer_docs, max(1, threads))
+                        for g in streams]
+        self.buffer_docs = self.streams[0].buffer_docs
+        self.batches = 0
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._restore_pending = False
+        self._initial_state = self._snapshot()
+        self._consumed = self._initial_state
+
+    # ---- packing (producer side) ------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {"batches": self.batches, "streams": [s.snapshot() for s in self.streams]}
 
     def _produce(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        rows = self._pack_rows()
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for i, stream in enumerate(self.streams):
+            stream.pack(rows[i * self.width:(i + 1) * self.width])
+        self.batches += 1
         state = self._snapshot()
         T = self.seq_len
         if self._pin:
@@ -242,7 +387,7 @@ class PackingLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._restore_pending:
-            self.load_state_dict(self._consumed)
+            self._restore(self._consumed)
         if self.prefetch <= 0:
             inputs, targets, state = self._produce()
         else:
@@ -250,13 +395,14 @@ class PackingLoader:
                 self._queue = queue.Queue(maxsize=self.prefetch)
                 self._thread = threading.Thread(target=_producer_main,
                                                 args=(weakref.ref(self), self._queue, self._stop),
-                                                name=f"titanlite-loader-{self.split}-r{self.rank}", daemon=True)
+                                                name=f"titanlite-loader-{self.split}-s{self.streams[0].stream}",
+                                                daemon=True)
                 self._thread.start()
             item = self._queue.get()
             if isinstance(item, _Failure):
                 self._thread.join()
                 self._thread, self._queue = None, None
-                self._restore_pending = True  # the failed batch may have left the buffer half used
+                self._restore_pending = True  # the failed batch may have left the buffers half used
                 raise item.exc
             inputs, targets, state = item
         self._consumed = state
@@ -275,60 +421,65 @@ class PackingLoader:
             pass
 
     # ---- Stateful -------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """State after the last batch handed out (prefetched batches are not counted)."""
-        state = dict(self._consumed)
-        state["buffer"] = list(state["buffer"])
-        return state
+    def stream_states(self) -> dict[int, dict]:
+        """Per stream id, its JSON-able state after the last batch handed out (prefetched ones not counted)."""
+        return {s["stream"]: RowStream.portable(s) for s in self._consumed["streams"]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_stream_states(self, states: dict[int, dict], exact: bool = True) -> None:
+        """Continue every stream from its state (`exact`: see RowStream.restore)."""
         self._stop_producer()
         self._restore_pending = False
-        self.packer.clear()
+        for stream in self.streams:
+            if stream.stream not in states:
+                raise UserError(f"data loader state has no data stream {stream.stream}; resume with the same "
+                                f"global batch (training.total_batch_size) or start a fresh run")
+            stream.restore(states[stream.stream], exact)
+        self.batches = max(s.rows for s in self.streams) // self.width
+        self._consumed = self._snapshot()
+
+    def _restore(self, snapshot: dict) -> None:
+        self.load_stream_states({s["stream"]: RowStream.portable(s) for s in snapshot["streams"]})
+        self.batches = snapshot["batches"]
+        self._consumed = self._snapshot()
+
+    def state_dict(self) -> dict:
+        """State after the last batch handed out (prefetched batches are not counted)."""
+        return {"version": STATE_VERSION, "split": self.split, "files": self.files_digest,
+                "num_streams": self.num_streams, "seq_len": self.seq_len, "batches": self._consumed["batches"],
+                "streams": {str(k): v for k, v in self.stream_states().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("split") != self.split:
             raise UserError(f"data loader state (version {state.get('version')}, split {state.get('split')}) does "
                             f"not fit this {self.split} loader (version {STATE_VERSION}); resume with the same data "
                             f"settings or start a fresh run")
-        self.tokens_kept, self.tokens_read = state["tokens_kept"], state["tokens_read"]
+        exact = state["files"] == self.files_digest
+        if not exact:
+            logger.warning(f"warning: the {self.split} shards changed since the data loader state was saved; the "
+                           f"streams continue at their saved positions with fresh buffers (approximate)")
+        self.load_stream_states({int(k): v for k, v in state["streams"].items()}, exact)
         self.batches = state["batches"]
-        same_layout = (state["world_size"] == self.world_size and state["rank"] == self.rank
-                       and state["files"] == self.files_digest)
-        if same_layout:
-            self.stream.seek(state["epoch"], state["file"], state["row_group"], state["doc"])
-            flat = state["buffer"]
-            idents = [tuple(int(x) for x in flat[i:i + 3]) for i in range(0, len(flat), 3)]
-            for tokens, ident in zip(self.stream.read_documents(idents), idents):
-                self.packer.add(tokens, ident)
-            if (state["seq_len"], state["batch_size"], state["buffer_docs"]) != (
-                    self.seq_len, self.batch_size, self.buffer_docs):
-                logger.warning("warning: data loader resumed with a different batch size, sequence length or "
-                               "buffer size: the data order continues, but not as the original run would have")
-        else:
-            # Another world size or another set of shards: positions of other ranks do not map onto ours.
-            # Continue at the same epoch and shard with an empty buffer (approximate, like the reference).
-            file = min(int(state["file"]), len(self.paths) - 1)
-            logger.warning(f"warning: data loader state was saved with world size {state['world_size']} or other "
-                           f"shards; resuming approximately at epoch {state['epoch']}, shard {file}")
-            self.stream.seek(state["epoch"], file, self.rank, 0)
         self._consumed = self._snapshot()
 
     def reset(self) -> None:
         """Back to the very first batch (the validation loader does this before every evaluation)."""
-        self.load_state_dict(self._initial_state)
+        self._restore(self._initial_state)
 
     # ---- reporting -------------------------------------------------------------------------------------------
     def position(self) -> dict:
-        """Where the last handed-out batch came from: epoch, shard index/name, row group."""
-        s = self._consumed
-        file = min(s["file"], len(self.paths) - 1)
-        return {"epoch": s["epoch"], "shard": s["file"], "shard_name": self.paths[file].name,
-                "row_group": s["row_group"]}
+        """Where the first stream's last handed-out rows came from: epoch, shard index/name, row group."""
+        item = self._consumed["streams"][0]["item"]
+        stream = self.streams[0].docs
+        file, rg, _, _ = stream.item_at(item)
+        return {"epoch": stream.epoch_of(item), "shard": file, "shard_name": self.paths[file].name,
+                "row_group": rg}
 
     def stats(self) -> dict:
-        s = self._consumed
-        kept, read = s["tokens_kept"], s["tokens_read"]
+        states = self._consumed["streams"]
+        kept = sum(s["tokens_kept"] for s in states)
+        read = sum(s["tokens_read"] for s in states)
         return {"tokens_kept": kept, "tokens_read": read, "utilisation": kept / read if read else 0.0,
-                "batches": s["batches"]}
+                "batches": self._consumed["batches"], "skipped_docs": sum(s["skipped"] for s in states)}
 
 
 def _producer_main(loader_ref: "weakref.ref[PackingLoader]", out: queue.Queue, stop: threading.Event) -> None:
@@ -358,8 +509,9 @@ def _producer_main(loader_ref: "weakref.ref[PackingLoader]", out: queue.Queue, s
 
 def build_loader(data_dir: Path, split: str, tokenizer: Tokenizer, batch_size: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", buffer_docs: int = 1000,
-                 threads: int = 4, prefetch: int = 2) -> PackingLoader:
-    """Train or val loader for one rank. `prefetch` batches are packed ahead in a background thread
-    (0: pack synchronously in the caller)."""
+                 threads: int = 4, prefetch: int = 2, streams: Sequence[int] | None = None,
+                 num_streams: int | None = None, index: ShardIndex | None = None) -> PackingLoader:
+    """Train or val loader: stream `rank` of `world_size` (or the given `streams` of `num_streams`, sharing
+    `index`). `prefetch` batches are packed ahead in a background thread (0: pack synchronously)."""
     return PackingLoader(data_dir, split, tokenizer, batch_size, seq_len, rank, world_size, device, buffer_docs,
-                         threads, prefetch)
+                         threads, prefetch, streams, num_streams, index)

@@ -10,6 +10,7 @@ Files in a tokenizer folder:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -231,6 +232,16 @@ class Tokenizer:
         for token, rank in self.mergeable_ranks.items():
             lengths[rank] = len(token)
         return lengths  # special tokens stay 0: they are not text and must not count in bits-per-byte
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the mergeable ranks and the special tokens: equal exactly when two tokenizers give
+        every id the same bytes, so a checkpoint can refuse a tokenizer that would make its ids mean other text."""
+        digest = hashlib.sha256()
+        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            digest.update(b"%d:%d:" % (rank, len(token)) + token)
+        for name, token_id in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            digest.update(b"special:%d:" % token_id + name.encode("utf-8") + b"\0")
+        return digest.hexdigest()
 
     def token_bytes(self) -> torch.Tensor:
         """int32 (vocab_size,): raw byte length of each token, 0 for special tokens."""

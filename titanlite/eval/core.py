@@ -5,14 +5,21 @@ A bundle (the reference's public `eval_bundle/` or one built by scripts/prepare_
 in percent). Every item becomes one prompt per choice (or two for language modelling); the model scores the
 continuation tokens; accuracy is centered by the random baseline and CORE is the mean of the centered scores.
 
+Prompts are scored whole, as the published numbers were: the reference crops nothing its rotary table covers
+(10 x the training context), so neither does this file. A prompt longer than the model's position limit is
+left-cropped to it with one warning per task; cropping to the training context is an explicit option
+(`eval.core_crop_to_seq_len`). The evaluation dtype follows the reference too (`eval.core_dtype`): bf16 on CUDA,
+fp32 on CPU, whatever dtype training runs in. The CORE line (`core_line`) states both.
+
 Where the recipe is silent or would crash, this file decides (each spot says so): a choice whose tokens are
 all shared with another still scores its last token; `num_fewshot` is capped at the items available; a
-continuation that does not fit in `max_seq_len` counts as wrong; an LM item whose short prompt is not a token
-prefix of the long one is scored from the common prefix.
+continuation that does not fit in the cropped prompt counts as wrong; an LM item whose short prompt is not a
+token prefix of the long one is scored from the common prefix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -331,6 +338,12 @@ def continuation_spans(task_type: str, token_lists: list[list[int]]):
     raise ValueError(f"unknown task type {task_type!r}")
 
 
+def crop_length(crop_len: int | None, position_limit: int | None) -> int | None:
+    """The length prompts are left-cropped to: the requested crop, never past the model's position limit."""
+    limits = [n for n in (crop_len, position_limit) if n is not None]
+    return min(limits) if limits else None
+
+
 def crop_left(tokens: list[int], start: int, end: int, max_seq_len: int | None):
     """Keep the last max_seq_len tokens (the continuation is at the end); start < 1 afterwards means the
     continuation no longer has a context token in front of it, and the row cannot be scored."""
@@ -338,6 +351,26 @@ def crop_left(tokens: list[int], start: int, end: int, max_seq_len: int | None):
         return tokens, start, end
     dropped = len(tokens) - max_seq_len
     return tokens[dropped:], start - dropped, end - dropped
+
+
+@dataclass
+class _PromptStats:
+    """Per-task prompt bookkeeping for the CORE line: how many rows, the longest, and how many were cropped
+    because cropping was asked for (`cropped`) or because the model cannot take them (`over_limit`)."""
+    prompts: int = 0
+    longest: int = 0
+    cropped: int = 0
+    over_limit: int = 0
+
+    def add(self, length: int, crop_len: int | None, position_limit: int | None) -> None:
+        self.prompts += 1
+        self.longest = max(self.longest, length)
+        kept = crop_length(crop_len, position_limit)
+        if kept is not None and length > kept:
+            if kept == crop_len:
+                self.cropped += 1
+            else:
+                self.over_limit += 1
 
 
 @dataclass
@@ -353,8 +386,8 @@ class _Example:
         return max(len(r) for r in self.rows)
 
 
-def _prepare_examples(task: CoreTask, items: list[dict], indices: list[int], tokenizer,
-                      max_seq_len: int | None) -> list[_Example]:
+def _prepare_examples(task: CoreTask, items: list[dict], indices: list[int], tokenizer, crop_len: int | None,
+                      position_limit: int | None, stats: _PromptStats) -> list[_Example]:
     prompts_per_example = []
     for idx in indices:
         fewshot = [items[j] for j in fewshot_indices(idx, len(items), task.num_fewshot)]
@@ -366,7 +399,10 @@ def _prepare_examples(task: CoreTask, items: list[dict], indices: list[int], tok
         token_lists = encoded[offset:offset + len(prompts)]
         offset += len(prompts)
         rows, starts, ends = continuation_spans(task.task_type, token_lists)
-        cropped = [crop_left(r, s, e, max_seq_len) for r, s, e in zip(rows, starts, ends)]
+        for r in rows:
+            stats.add(len(r), crop_len, position_limit)
+        keep = crop_length(crop_len, position_limit)
+        cropped = [crop_left(r, s, e, keep) for r, s, e in zip(rows, starts, ends)]
         examples.append(_Example(index=idx, rows=[c[0] for c in cropped], starts=[c[1] for c in cropped],
                                  ends=[c[2] for c in cropped],
                                  gold=None if task.task_type == LANGUAGE_MODELING else items[idx]["gold"]))
@@ -396,9 +432,10 @@ def _plan_batches(examples: list[_Example], batch_size: int, max_batch_tokens: i
 # Scoring
 # ----------------------------------------------------------------------------------------------------------
 
-def _score_batch(model, batch: list[_Example], pad_id: int, device) -> list[bool]:
+def _score_batch(model, batch: list[_Example], pad_id: int, device) -> list[tuple[bool, list[float]]]:
     """One forward for every row of every example in the batch (right-padded with BOS, which causal
-    attention never lets influence the scored positions); per-example correctness."""
+    attention never lets influence the scored positions); per example (correct, mean CE of each row's
+    continuation, inf where the row has no context token before it)."""
     rows = [(ex, r) for ex in batch for r in range(len(ex.rows))]
     width = max(len(ex.rows[r]) for ex, r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -434,13 +471,13 @@ def _score_batch(model, batch: list[_Example], pad_id: int, device) -> list[bool
     results, b = [], 0
     for ex in batch:
         n = len(ex.rows)
+        example_losses = mean_loss[b:b + n]
         if ex.gold is None:
-            results.append(all_hit[b])
+            results.append((all_hit[b], example_losses))
         else:
-            example_losses = mean_loss[b:b + n]
             best = min(example_losses)
             # first option with the lowest mean loss, as list.index(min(...)) picks it; all-unscorable = wrong
-            results.append(math.isfinite(best) and example_losses.index(best) == ex.gold)
+            results.append((math.isfinite(best) and example_losses.index(best) == ex.gold, example_losses))
         b += n
     return results
 
@@ -449,18 +486,30 @@ def _process_group_active(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+@dataclass
+class TaskScore:
+    accuracy: float
+    scored: int  # examples whose every prompt kept a context token before its continuation
+    prompts: _PromptStats
+    losses: dict[int, list[float]]  # example index -> mean CE per prompt, this rank's examples (if recorded)
+
+
 def evaluate_task(model, tokenizer, task: CoreTask, items: list[dict], *, device="cpu", rank: int = 0,
                   world_size: int = 1, batch_size: int = 32, max_batch_tokens: int = 16384,
-                  max_seq_len: int | None = None) -> float:
-    """Accuracy of one task over `items` (already shuffled/truncated), examples strided across ranks."""
+                  crop_len: int | None = None, position_limit: int | None = None,
+                  record_losses: bool = False) -> TaskScore:
+    """One task over `items` (already shuffled/truncated), examples strided across ranks; counts are global."""
     correct = [0.0] * len(items)
+    scored = 0
+    stats = _PromptStats()
+    losses: dict[int, list[float]] = {}
     local = list(range(rank, len(items), world_size))
     # Same chunk count on every rank (from the largest rank share), so the forward-count sync below lines up.
     num_chunks = math.ceil(math.ceil(len(items) / world_size) / EXAMPLES_PER_CHUNK)
     synced = _process_group_active(world_size)
     for c in range(num_chunks):
         chunk = local[c * EXAMPLES_PER_CHUNK:(c + 1) * EXAMPLES_PER_CHUNK]
-        examples = _prepare_examples(task, items, chunk, tokenizer, max_seq_len)
+        examples = _prepare_examples(task, items, chunk, tokenizer, crop_len, position_limit, stats)
         batches = _plan_batches(examples, batch_size, max_batch_tokens)
         num_forwards = len(batches)
         if synced:
@@ -469,14 +518,26 @@ def evaluate_task(model, tokenizer, task: CoreTask, items: list[dict], *, device
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             num_forwards = int(count.item())
         for batch in batches:
-            for ex, ok in zip(batch, _score_batch(model, batch, tokenizer.bos_token_id, device)):
+            for ex, (ok, row_losses) in zip(batch, _score_batch(model, batch, tokenizer.bos_token_id, device)):
                 correct[ex.index] = float(ok)
+                scored += all(math.isfinite(x) for x in row_losses)
+                if record_losses:
+                    losses[ex.index] = row_losses
         for _ in range(num_forwards - len(batches)):
             model(torch.full((1, 1), tokenizer.bos_token_id, dtype=torch.long, device=device))
-    correct_t = torch.tensor(correct, dtype=torch.float32, device=device)
+    # the counts ride along with the correctness slots (each filled by exactly one rank): one SUM for all;
+    # fp32 counts are exact below 2**24 (and MPS has no fp64)
+    counts = [scored, stats.prompts, stats.cropped, stats.over_limit]
+    summed = torch.tensor(correct + counts, dtype=torch.float32, device=device)
+    longest = torch.tensor([stats.longest], dtype=torch.long, device=device)
     if synced:
-        dist.all_reduce(correct_t, op=dist.ReduceOp.SUM)  # each slot is filled by exactly one rank
-    return correct_t.mean().item()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    total = summed.tolist()
+    scored, prompts, cropped, over_limit = (int(x) for x in total[len(items):])
+    accuracy = sum(total[:len(items)]) / len(items)
+    return TaskScore(accuracy=accuracy, scored=scored, losses=losses,
+                     prompts=_PromptStats(prompts, int(longest.item()), cropped, over_limit))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,6 +559,88 @@ def core_label(labels: list[str]) -> str:
     return f"CORE-{len(labels)} ({len(labels)} of {NUM_CORE_TASKS} tasks)"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Settings: precision and cropping
+# ----------------------------------------------------------------------------------------------------------
+
+CORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_core_dtype(requested: str, device_type: str) -> torch.dtype:
+    """`eval.core_dtype` -> dtype. auto is the reference's choice: bf16 on CUDA (SM80+), fp32 on CPU, MPS and
+    older GPUs, whatever dtype training runs in (the published CPU numbers are fp32 ones)."""
+    if requested == "auto":
+        from titanlite.precision import has_native_bf16
+
+        return torch.bfloat16 if device_type == "cuda" and has_native_bf16("cuda") else torch.float32
+    if requested not in CORE_DTYPES:
+        raise UserError(f"eval.core_dtype = {requested!r} is not supported; use auto, bfloat16 or float32")
+    return CORE_DTYPES[requested]
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    dtype: torch.dtype
+    crop_len: int | None  # left-crop prompts to this many tokens (None: only the model's position limit)
+    note: str = ""  # said on the CORE line next to the dtype
+
+
+def core_settings(eval_cfg, seq_len: int, device_type: str,
+                  fsdp_param_dtype: torch.dtype | None = None) -> CoreSettings:
+    """What CORE runs with, from the `eval` config section.
+
+    fsdp_param_dtype: the FSDP MixedPrecisionPolicy param_dtype of a sharded model (None: not sharded, or
+    FSDP does no casting). FSDP gathers the weights in that dtype and casts every sharded module's floating
+    inputs to it, so the sharded blocks compute in it whatever the model's compute dtype says: CORE then
+    runs in it (nothing gained by pretending otherwise) and the note says why.
+    """
+    dtype = resolve_core_dtype(eval_cfg.core_dtype, device_type)
+    note = ""
+    if fsdp_param_dtype is not None and fsdp_param_dtype != dtype:
+        note = (f"eval.core_dtype gives {dtype_name(dtype)}, but FSDP runs the sharded model in its param_dtype "
+                f"{dtype_name(fsdp_param_dtype)}; scripts.base_eval scores in {dtype_name(dtype)}")
+        dtype = fsdp_param_dtype
+    return CoreSettings(dtype=dtype, crop_len=seq_len if eval_cfg.core_crop_to_seq_len else None, note=note)
+
+
+def model_position_limit(model) -> int | None:
+    """Longest sequence the model takes (GPT: its RoPE table, 10 x the training context); None: unknown."""
+    limit = getattr(model, "max_positions", None)
+    return int(limit) if limit else None
+
+
+@contextlib.contextmanager
+def _run_in_dtype(model, dtype: torch.dtype | None, device_type: str):
+    """The model computes in `dtype` inside the block (its weights are fp32 masters, so nothing is copied),
+    with an attention kernel that takes that dtype; both are restored afterwards."""
+    if dtype is None or not hasattr(model, "set_compute_dtype"):
+        yield
+        return
+    old_dtype = model.compute_dtype
+    old_backend = getattr(model, "attention_backend", None)
+    model.set_compute_dtype(dtype)
+    try:
+        if old_backend not in (None, "auto"):
+            from titanlite.attention import backend_available, select_attention_backend
+
+            if not backend_available(old_backend, device_type, dtype)[0]:  # e.g. flash kernels take no fp32
+                pattern = getattr(getattr(model, "args", None), "window_pattern", "L")
+                model.set_attention_backend(select_attention_backend("auto", device_type, dtype, pattern)[0])
+        yield
+    finally:
+        model.set_compute_dtype(old_dtype)
+        if old_backend is not None and model.attention_backend != old_backend:
+            model.set_attention_backend(old_backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it
+# ----------------------------------------------------------------------------------------------------------
+
 @dataclass
 class CoreResult:
     accuracy: dict[str, float]  # per task, in bundle order
@@ -509,15 +652,28 @@ class CoreResult:
     seconds: float
     examples_per_second: float
     missing_tasks: list[str] = field(default_factory=list)  # standard CORE tasks not evaluated
+    dtype: str = "float32"  # what the model computed in
+    crop_len: int | None = None  # the requested crop (eval.core_crop_to_seq_len), None: none asked for
+    position_limit: int | None = None  # the model's own limit (its RoPE table); longer prompts are cropped to it
+    num_scored: dict[str, int] = field(default_factory=dict)  # examples whose continuations all kept context
+    num_prompts: int = 0  # scored sequences (one per choice; one per LM item)
+    longest_prompt: int = 0  # tokens, before any crop
+    cropped_prompts: int = 0  # cropped to crop_len
+    over_limit_prompts: int = 0  # cropped to position_limit
+    example_losses: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # with record_losses
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int = -1, device="cpu",
                   rank: int = 0, world_size: int = 1, batch_size: int = 32, max_seq_len: int | None = None,
-                  tasks: list[str] | None = None, max_batch_tokens: int = 16384) -> CoreResult:
+                  tasks: list[str] | None = None, max_batch_tokens: int = 16384, dtype: torch.dtype | None = None,
+                  record_losses: bool = False) -> CoreResult:
     """Score `model` on a bundle's tasks. Every rank must call this with the same arguments.
 
     batch_size caps the rows (prompts) per forward, max_batch_tokens the padded tokens per forward (bounds
-    the (rows, T, vocab) logits); max_seq_len left-crops longer prompts (None: no crop).
+    the (rows, T, vocab) logits). Prompts are scored whole up to the model's position limit
+    (`max_positions`, cropped to it with one warning per task); max_seq_len left-crops them further (None:
+    no crop, as the published numbers). dtype: the compute dtype for the evaluation (None: the model's own).
+    record_losses keeps each example's per-prompt mean continuation CE (this rank's examples).
     """
     all_tasks = load_bundle(bundle_dir)
     if tasks is not None:
@@ -529,23 +685,37 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int = 
         all_tasks = [t for t in all_tasks if t.label in set(tasks)]
         if not all_tasks:
             raise UserError("no CORE tasks selected; pass at least one task label")
+    limit = model_position_limit(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    accuracy, centered, counts = {}, {}, {}
+    accuracy, centered, counts, scored, losses = {}, {}, {}, {}, {}
+    prompts = _PromptStats()
     started = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _run_in_dtype(model, dtype, torch.device(device).type):
+            used_dtype = getattr(model, "compute_dtype", None) or torch.float32
             for task in all_tasks:
                 task_start = time.perf_counter()
                 items = shuffle_and_truncate(load_task_items(bundle_dir, task), max_per_task)
-                accuracy[task.label] = evaluate_task(model, tokenizer, task, items, device=device, rank=rank,
-                                                     world_size=world_size, batch_size=batch_size,
-                                                     max_batch_tokens=max_batch_tokens, max_seq_len=max_seq_len)
-                centered[task.label] = center_accuracy(accuracy[task.label], task.random_baseline)
-                counts[task.label] = len(items)
+                score = evaluate_task(model, tokenizer, task, items, device=device, rank=rank,
+                                      world_size=world_size, batch_size=batch_size,
+                                      max_batch_tokens=max_batch_tokens, crop_len=max_seq_len,
+                                      position_limit=limit, record_losses=record_losses)
+                accuracy[task.label] = score.accuracy
+                centered[task.label] = center_accuracy(score.accuracy, task.random_baseline)
+                counts[task.label], scored[task.label] = len(items), score.scored
+                if record_losses:
+                    losses[task.label] = score.losses
+                p = score.prompts
+                prompts = _PromptStats(prompts.prompts + p.prompts, max(prompts.longest, p.longest),
+                                       prompts.cropped + p.cropped, prompts.over_limit + p.over_limit)
+                if p.over_limit:
+                    logger.warning(f"warning: CORE task {task.label}: {p.over_limit} of {p.prompts} prompts are "
+                                   f"longer than the model's {limit} positions (its RoPE table) and were "
+                                   f"left-cropped to their last {limit} tokens")
                 elapsed = time.perf_counter() - task_start
-                logger.info(f"CORE {task.label}: accuracy {accuracy[task.label]:.4f} | centered "
+                logger.info(f"CORE {task.label}: accuracy {score.accuracy:.4f} | centered "
                             f"{centered[task.label]:.4f} | {len(items)} examples in {elapsed:.1f}s")
     finally:
         if was_training and hasattr(model, "train"):
@@ -557,7 +727,30 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int = 
                       core=sum(centered.values()) / len(centered), num_tasks=len(labels),
                       label=core_label(labels), num_examples=counts, seconds=seconds,
                       examples_per_second=total / seconds if seconds > 0 else float("inf"),
-                      missing_tasks=[t for t in CORE_TASK_LABELS if t not in accuracy])
+                      missing_tasks=[t for t in CORE_TASK_LABELS if t not in accuracy],
+                      dtype=dtype_name(used_dtype), crop_len=max_seq_len, position_limit=limit,
+                      num_scored=scored, num_prompts=prompts.prompts, longest_prompt=prompts.longest,
+                      cropped_prompts=prompts.cropped, over_limit_prompts=prompts.over_limit,
+                      example_losses=losses)
+
+
+def core_line(result: CoreResult, note: str = "") -> str:
+    """The CORE summary line: score, the dtype it was computed in, and whether prompts were cropped."""
+    dtype = f"{result.dtype} ({note})" if note else result.dtype
+    limit = f", model limit {result.position_limit}" if result.position_limit else ""
+    over = result.over_limit_prompts
+    if result.crop_len is not None:
+        crop = (f"prompts cropped to {result.crop_len} tokens (eval.core_crop_to_seq_len): "
+                f"{result.cropped_prompts} of {result.num_prompts}")
+        if over:
+            crop += f", {over} more to the model's {result.position_limit} positions"
+    elif over:
+        crop = (f"prompts cropped only past the model's {result.position_limit} positions: {over} of "
+                f"{result.num_prompts} (longest {result.longest_prompt} tokens)")
+    else:
+        crop = f"no prompt cropping (longest {result.longest_prompt} tokens{limit})"
+    return (f"{result.label}: {result.core:.4f} | dtype {dtype} | {crop} | "
+            f"{result.examples_per_second:.1f} examples/s")
 
 
 def write_core_csv(result: CoreResult, path: str | Path) -> None:

@@ -48,6 +48,18 @@ def adamw_group_settings(optimizer_cfg, plan_like) -> dict[str, dict]:
     }
 
 
+def muon_lr(optimizer_cfg, plan_like) -> float:
+    """Muon's base LR; each shape group then runs at this x sqrt(max(1, rows/cols))."""
+    return optimizer_cfg.matrix_lr * plan_like.batch_lr_scale
+
+
+def group_learning_rates(optimizer_cfg, plan_like) -> dict[str, float]:
+    """The initial LR of every group, as the optimizers are built with it (the plan prints these)."""
+    lrs = {name: settings["lr"] for name, settings in adamw_group_settings(optimizer_cfg, plan_like).items()}
+    lrs[MUON_GROUP] = muon_lr(optimizer_cfg, plan_like)
+    return lrs
+
+
 def build_optimizers(param_groups: dict[str, list[torch.nn.Parameter]], optimizer_cfg, plan_like,
                      lr_scheduler_cfg=None, *, compute_dtype: torch.dtype | None = None) -> OptimizersContainer:
     """AdamW + Muon + schedule for a model's `optimizer_param_groups()`.
@@ -85,7 +97,7 @@ def build_optimizers(param_groups: dict[str, list[torch.nn.Parameter]], optimize
             # bf16 *batched* matmuls (bmm/baddbmm) run 15-50x slower than fp32 on CPU (measured, torch 2.13,
             # on this project's CPU machines), unlike 2-D ones; the reference orthogonalises in bf16 on CUDA only too.
             compute_dtype = torch.float32
-        muon = Muon(matrices, lr=optimizer_cfg.matrix_lr * plan_like.batch_lr_scale,
+        muon = Muon(matrices, lr=muon_lr(optimizer_cfg, plan_like),
                     momentum=lr_scheduler_cfg.momentum_start, weight_decay=plan_like.weight_decay_scaled,
                     beta2=optimizer_cfg.muon_beta2, ns_steps=optimizer_cfg.muon_ns_steps,
                     compute_dtype=compute_dtype)

@@ -80,3 +80,25 @@ def generate(model: GPT, tokens: list[int], max_new_tokens: int, temperature: fl
         else:
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
             logits = model(ids)[:, -1]
+
+
+@torch.no_grad()
+def complete(model: GPT, tokens: list[int], max_new_tokens: int, stop_token: int | None = None,
+             lockstep: bool = False, **sampling) -> list[int]:
+    """The new tokens continuing `tokens`, up to (not including) `stop_token`.
+
+    A sharded (FSDP) model all-gathers its weights inside every forward, so the ranks of a process group must
+    all run the same number of forwards or the ones still generating wait forever for the ones that stopped.
+    `lockstep=True` keeps generating past the stop token (the extra tokens are dropped), so every call makes
+    exactly `max_new_tokens` forwards on every rank, whatever each rank's model predicts (CORE pads its
+    batches to the same count for the same reason).
+    """
+    new: list[int] = []
+    stopped = False
+    for token in generate(model, tokens, max_new_tokens, **sampling):
+        stopped = stopped or token == stop_token
+        if stopped and not lockstep:
+            break
+        if not stopped:
+            new.append(token)
+    return new

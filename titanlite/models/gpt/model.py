@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titanlite.attention import attention, select_attention_backend
+from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ QK_SCALE = 1.2          # q and k are multiplied by this after QK-norm (logits x
 VE_GATE_CHANNELS = 12   # the value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24     # the smear gate reads the first 24 channels of the normed embedding
 VOCAB_MULTIPLE = 64
+# RoPE tables cover 10x the training context, as the reference's do: generation may run past T, and CORE
+# scores few-shot prompts whole up to this length (longer ones are the only ones it crops)
+ROPE_CONTEXT_MULTIPLE = 10
 
 
 @dataclass
@@ -272,15 +275,34 @@ class Unembedding(Linear):
     """lm_head: plain logits when called with x alone; with targets, the fused softcap + CE above.
 
     The loss goes through the module call (not a free function on its weight) so FSDP's pre-forward hook has
-    gathered the weight and its post-backward hook sees the gradient.
+    gathered the weight and its post-backward hook sees the gradient. Both forwards only use `self.weight` and
+    `self.out_features`, so titanlite.float8 runs them on the torchao Float8Linear that replaces this head.
     """
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, softcap: float = 15.0,
                 vocab_size: int | None = None, reduction: str = "mean") -> torch.Tensor:
         if targets is None:
-            return super().forward(x)
+            return F.linear(x, self.weight.to(x.dtype))
         return softcapped_cross_entropy(x, self.weight.to(x.dtype), targets, softcap,
                                         vocab_size or self.out_features, reduction)
+
+    def float8_forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, softcap: float = 15.0,
+                       vocab_size: int | None = None, reduction: str = "mean") -> torch.Tensor:
+        """The forward of this head once float8 training made it a torchao Float8Linear (`self` is that module).
+
+        Logits go through torchao's float8 matmul. The loss keeps the fused head (the unfused one materialises
+        three fp32 (tokens x vocab) logit copies: ~12 GiB at d26, batch 16) on x and the weight quantised exactly
+        as that matmul quantises them and dequantised (titanlite.float8.float8_dequantised), so the forward is
+        the float8 forward up to accumulation order. Its backward matmuls run in the compute dtype on those
+        operands with the unquantised logit gradient, where torchao's would also quantise that gradient: the
+        head (~6% of the matmul FLOPs at d26) keeps bf16 GEMM speed, which costs far less than the logits would.
+        """
+        if targets is None:
+            return type(self).forward(self, x)
+        from titanlite.float8 import float8_dequantised
+
+        x_q, weight_q = float8_dequantised(self, x)
+        return softcapped_cross_entropy(x_q, weight_q, targets, softcap, vocab_size or self.out_features, reduction)
 
 
 class CausalSelfAttention(nn.Module):
@@ -297,7 +319,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(VE_GATE_CHANNELS, args.n_kv_head) if self.has_ve else None
         self.backend = "sdpa"  # set by GPT.set_attention_backend
 
-    def forward(self, x, ve, cos, sin, kv_cache=None):
+    def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -309,7 +331,7 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, self.window, backend=self.backend)
+        y = attention(q, k, v, self.window, backend=self.backend, block_mask=attn_mask)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -329,8 +351,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(args, layer_idx, window)
         self.mlp = MLP(args.n_embd)
 
-    def forward(self, x, ve, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
+    def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, attn_mask)
         return x + self.mlp(norm(x))
 
 
@@ -351,14 +373,20 @@ class GPT(nn.Module):
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        # RoPE tables for 10x the context (generation may run past T); not saved in checkpoints
-        n_pos = 10 * args.sequence_len
+        # RoPE tables for 10x the context (generation and CORE prompts may run past T); not saved in checkpoints.
+        # Forward slices them, so their length costs training nothing.
+        n_pos = ROPE_CONTEXT_MULTIPLE * args.sequence_len
         self.register_buffer("rope_cos", torch.zeros(1, n_pos, 1, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.zeros(1, n_pos, 1, args.head_dim // 2), persistent=False)
         self.compute_dtype = torch.float32
         self.attention_backend = args.attention_backend
         if self.attention_backend != "auto":
             self.set_attention_backend(self.attention_backend)
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence forward accepts: the RoPE table length (10 x sequence_len)."""
+        return self.rope_cos.size(1)
 
     # ----- setup -----------------------------------------------------------------------------------------------
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
@@ -440,12 +468,14 @@ class GPT(nn.Module):
         x = self._smear(norm(self.wte(idx).to(dtype)), kv_cache)
         x0 = x
         backout_at = self.args.n_layer // 2
+        # flex block masks: built (once per shape, cached) here, outside the compiled blocks, and passed in
+        masks = attention_masks(self.attention_backend, T, self.windows, idx.device) if kv_cache is None else None
         x_backout = x
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             key = str(i)
             ve = self.value_embeds[key](idx).to(dtype) if key in self.value_embeds else None
-            x = block(x, ve, cos, sin, kv_cache)
+            x = block(x, ve, cos, sin, kv_cache, masks[self.windows[i]] if masks else None)
             if i == backout_at:
                 x_backout = x
         x = norm(x - self.backout_lambda.to(dtype) * x_backout)
@@ -463,7 +493,8 @@ class GPT(nn.Module):
         return c * torch.tanh(logits / c)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if reduction in ("sum", "mean") and isinstance(self.lm_head, Unembedding):  # not after a float8 swap
+        head_class = getattr(self.lm_head, "float8_origin", type(self.lm_head))  # its class before a float8 swap
+        if reduction in ("sum", "mean") and issubclass(head_class, Unembedding):
             return self.lm_head(x, targets=targets, softcap=self.args.softcap, vocab_size=self.args.vocab_size,
                                 reduction=reduction)
         logits = self.logits(x)

@@ -1,25 +1,28 @@
 """Make the meta-device GPT trainable at scale: float8 -> activation checkpointing -> compile -> FSDP2.
 
-The order is torchtitan's (torchtitan_lessons.md §1.8) and each step depends on the previous one:
+The order is torchtitan's and each step depends on the previous one:
 float8 swaps Linear classes, so it must run before anything captures the modules; activation checkpointing
 wraps each block's forward, so compile traces the recompute policy together with the block; FSDP shards the
 compiled blocks last, so its all-gather/reduce-scatter hooks stay outside the compiled graphs. The caller then
-runs `materialize(model, device)` (to_empty + init_weights + init_buffers) and builds the optimizers on the
-sharded parameters.
+runs `materialize(model, device)` (to_empty, then init_weights drawing per-parameter-name seeded values on the
+device) and builds the optimizers on the sharded parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from titanlite.distributed import WorldInfo
 from titanlite.errors import UserError
 from titanlite.float8 import apply_float8
 from titanlite.logging_utils import logger
-from titanlite.models.gpt.model import GPT
 
 
 # ----- activation checkpointing ------------------------------------------------------------------------------
@@ -128,36 +131,108 @@ def parallelize_gpt(model: nn.Module, world: WorldInfo, compile_cfg, float8_cfg,
     return model
 
 
+# ----- initialisation on the training device ----------------------------------------------------------------
+
+# Random fills run in chunks of this many elements of the flattened full tensor, each chunk from its own
+# generator seeded by (run seed, parameter name, chunk index): any shard of any layout draws exactly the values of
+# its slice of the full tensor. Chunks inside the shard are drawn in place; only the (at most two) chunks a shard
+# boundary cuts go through a temporary, so init needs the shard plus 4 MiB, never a full copy.
+INIT_CHUNK_ELEMENTS = 1 << 20
+
+
+def _seed_for(base_seed: int, name: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}/{name}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part of `param` as a plain tensor, its first element's index in the flattened full tensor)."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape[1:]) != tuple(param.shape[1:]):
+        raise NotImplementedError(f"per-name init needs shards along dim 0 (FSDP's); got {param.placements}")
+    local = param.to_local()
+    # the row size from the shape: indexing the DTensor (param[0]) would all-gather it
+    return local, offset[0] * math.prod(param.shape[1:])
+
+
+def _fill_random(param: torch.Tensor, name: str, base_seed: int, draw) -> None:
+    """Fill this rank's part of `param` with draw(buffer, generator) applied chunk by chunk to the full tensor."""
+    local, start = _local_region(param)
+    count = local.numel()
+    if count == 0:
+        return
+    flat = local.view(-1)
+    total = param.numel()
+    chunk = INIT_CHUNK_ELEMENTS
+    for index in range(start // chunk, (start + count - 1) // chunk + 1):
+        first = index * chunk
+        size = min(chunk, total - first)
+        generator = torch.Generator(device=local.device).manual_seed(_seed_for(base_seed, name, index))
+        lo, hi = max(start, first), min(start + count, first + size)
+        if lo == first and hi == first + size:  # the whole chunk is ours: the same draw, straight into place
+            draw(flat[lo - start:hi - start], generator)
+            continue
+        values = torch.empty(size, dtype=local.dtype, device=local.device)
+        draw(values, generator)
+        flat[lo - start:hi - start].copy_(values[lo - first:hi - first])
+
+
+_FILL_ARGS = {"normal_": (("mean", 0.0), ("std", 1.0)), "uniform_": (("a", "from", 0.0), ("b", "to", 1.0))}
+_OTHER_RANDOM_INITS = ("trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                       "xavier_normal_", "orthogonal_", "sparse_", "random_", "bernoulli_", "exponential_")
+
+
+class _PerNameInit(TorchFunctionMode):
+    """While active, normal_/uniform_ fills of the given parameters (nn.init's or the tensor methods) draw from
+    per-name generators on the parameter's own device, shard by shard; everything else runs as usual."""
+
+    def __init__(self, params: dict[int, tuple[str, torch.Tensor]], base_seed: int):
+        super().__init__()
+        self.params, self.base_seed = params, base_seed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        kind = getattr(func, "__name__", "")
+        target = kwargs.get("tensor", args[0] if args else None)
+        entry = self.params.get(id(target)) if isinstance(target, torch.Tensor) else None
+        if entry is None or kind not in _FILL_ARGS and kind not in _OTHER_RANDOM_INITS:
+            return func(*args, **kwargs)
+        name, param = entry
+        if kind in _OTHER_RANDOM_INITS:
+            raise NotImplementedError(f"materialize draws only normal_ and uniform_ per parameter name; "
+                                      f"{name} asks for {kind}")
+        rest = list(args[1:] if args and args[0] is target else args)
+        values = []
+        for names_and_default in _FILL_ARGS[kind]:
+            *names, default = names_and_default
+            given = [kwargs[n] for n in names if n in kwargs]
+            values.append(given[0] if given else rest.pop(0) if rest else default)
+        first, second = values
+        if kind == "normal_":
+            _fill_random(param, name, self.base_seed, lambda t, g: t.normal_(first, second, generator=g))
+        else:
+            _fill_random(param, name, self.base_seed, lambda t, g: t.uniform_(first, second, generator=g))
+        return target
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Allocate the (possibly sharded) meta parameters on `device` and run the real initialisation.
+    """Allocate the (possibly sharded) meta parameters on `device` and run the model's own `init_weights()`.
 
-    Weights are always drawn on the CPU generator from full-size tensors, so every layout (1 process, N
-    FSDP ranks, HSDP, CPU or GPU) starts from bit-identical weights for the same seed. A sharded model cannot
-    draw its own shards that way: DTensor random ops on a CPU mesh just draw each local shard from the local
-    generator, and on GPU they follow a different (offset-based) stream than a plain tensor. So a full CPU
-    replica is initialised and each rank keeps its slice of every tensor.
+    Every random fill of a parameter draws from generators seeded by the run seed (torch.initial_seed(), which
+    the trainer sets from training.seed) and the parameter's name, in fixed chunks of the full tensor, on the
+    parameter's device; a sharded parameter (DTensor) draws only the chunks its shard covers. So 1 process,
+    N FSDP ranks and HSDP start from identical weights on the same device type, with no full copy of the model
+    anywhere. Which model family it is does not matter: it only needs `init_weights()` to fill with nn.init's
+    normal_/uniform_ (or the tensor methods), constants and copies.
     """
     device = torch.device(device)
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    if not sharded:
-        model.to_empty(device="cpu")
-        model.init_weights()
-        model.to(device)
-        model.init_buffers()  # non-persistent RoPE tables, recomputed on the training device
-        return model
-
     model.to_empty(device=device)
-    with torch.device("meta"):  # building on meta draws no random numbers (nn.Linear's own init would)
-        replica = GPT(model.args)  # the plain model: same parameter names and init code
-    replica.to_empty(device="cpu")
-    replica.init_weights()
-    full_params = dict(replica.named_parameters())
-    for name, param in model.named_parameters():
-        full = full_params[name.replace("_orig_mod.", "")].to(device)
-        if isinstance(param, DTensor):
-            # Every rank holds the same full tensor, so each cuts out its own shard without communication.
-            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        param.copy_(full)
-    model.init_buffers()
+    params = {id(p): (name.replace("_orig_mod.", ""), p) for name, p in model.named_parameters()}
+    with _PerNameInit(params, torch.initial_seed()):
+        model.init_weights()
     return model
