@@ -16,10 +16,24 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-
+from titanlite.assemble import assemble_model
+from titanlite.checkpoint import CheckpointManager, read_meta
+from titanlite.config import build_config, config_from_toml_text
+from titanlite.data.corpora import prepare_tokenizer, resolve_data_dir
+from titanlite.data.loader import build_loader
+from titanlite.device import resolve_device_type
+from titanlite.distributed import init_distributed
 from titanlite.errors import UserError
+from titanlite.eval.bpb import evaluate_bpb
+from titanlite.eval.core import core_line, core_settings, evaluate_core, resolve_core_dtype, write_core_csv
+from titanlite.eval.samples import sample_completions
+from titanlite.generate import generate
 from titanlite.logging_utils import init_logger, logger
+from titanlite.models import get_train_spec
+from titanlite.paths import cache_dir
+from titanlite.precision import resolve_compute_dtype
+from titanlite.scaling import derive_plan
+from titanlite.train import cli_entry
 
 DEFAULT_SPLIT_TOKENS = 40 * 2**19  # the reference's base_eval default (20,971,520)
 
@@ -44,15 +58,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _load_model(run_dir: Path, step_arg: str, args, world, wanted: set[str]):
-    from titanlite.attention import select_attention_backend
-    from titanlite.checkpoint import CheckpointManager, read_meta
-    from titanlite.config import build_config, config_from_toml_text
-    from titanlite.eval.core import resolve_core_dtype
-    from titanlite.models.gpt.parallelize import materialize
-    from titanlite.precision import resolve_compute_dtype
-    from titanlite.scaling import derive_plan
-    from titanlite.spec import get_train_spec
-
     probe = CheckpointManager(build_config(None, []).checkpoint, run_dir, world)
     step = probe.resolve_step("latest" if step_arg == "latest" else int(step_arg))
     meta = read_meta(probe.step_dir(step))
@@ -69,30 +74,17 @@ def _load_model(run_dir: Path, step_arg: str, args, world, wanted: set[str]):
     training = dataclasses.replace(config.training, device_batch_size=dbs, num_iterations=1,
                                    total_batch_size=dbs * config.model.max_seq_len * world.world_size)
     compute_dtype = resolve_compute_dtype(config.training.dtype, world.device.type)
-    from titanlite.data.corpora import prepare_tokenizer
-
     tokenizer = prepare_tokenizer(config.data)
-    plan = derive_plan(config.model, training, config.optimizer, tokenizer.vocab_size, world.world_size)
     spec = get_train_spec(config.model.name)
-    backend, lines = select_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
-                                              config.model.window_pattern.upper())
-    for line in lines:
-        logger.info(line)
-    model = spec.build_meta_model(plan, config.model)
-    model.set_compute_dtype(compute_dtype)
-    model.set_attention_backend(backend)
+    plan = derive_plan(config.model, training, config.optimizer, tokenizer.vocab_size, world.world_size, spec)
     # FSDP casts the sharded blocks' weights and inputs to its param_dtype, which would override the CORE dtype
     # when that differs from the training one; with no param_dtype (no casting) it gathers the fp32 masters and
     # every forward runs in the model's own compute dtype, which CORE switches for its duration.
     param_dtype = compute_dtype
     if "core" in wanted and resolve_core_dtype(config.eval.core_dtype, world.device.type) != compute_dtype:
         param_dtype = None
-    if spec.parallelize is not None:
-        no_compile = dataclasses.replace(config.compile, enabled="false")
-        no_float8 = dataclasses.replace(config.float8, enabled=False)
-        model = spec.parallelize(model, world, no_compile, no_float8, config.activation_checkpoint,
-                                 param_dtype=param_dtype)
-    model = materialize(model, world.device)
+    model = assemble_model(spec, plan.model_args, config, world, compute_dtype, param_dtype=param_dtype,
+                           for_training=False, init=False)
     probe.load(step, {"model": model})
     model.eval()
     logger.info(f"Loaded {probe.step_dir(step)} (depth {config.model.depth}, vocab {tokenizer.vocab_size:,})")
@@ -100,10 +92,6 @@ def _load_model(run_dir: Path, step_arg: str, args, world, wanted: set[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from titanlite.device import resolve_device_type
-    from titanlite.config import build_config
-    from titanlite.distributed import init_distributed
-
     init_logger()
     world = init_distributed(build_config(None, []).parallelism, resolve_device_type(args.device_type))
     wanted = {part.strip() for part in args.eval.split(",") if part.strip()}
@@ -113,10 +101,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, config, plan, step = _load_model(args.run_dir, args.step, args, world, wanted)
 
     if "bpb" in wanted:
-        from titanlite.data.corpora import resolve_data_dir
-        from titanlite.data.loader import build_loader
-        from titanlite.eval.bpb import evaluate_bpb
-
         token_bytes = tokenizer.token_bytes().to(world.device)
         rows = plan.device_batch_size * plan.seq_len * world.world_size
         steps = max(1, args.split_tokens // rows)
@@ -129,9 +113,6 @@ def run(args: argparse.Namespace) -> int:
             logger.info(f"{split} bpb: {bpb:.6f} ({steps * rows:,} tokens)")
 
     if "core" in wanted:
-        from titanlite.eval.core import core_line, core_settings, evaluate_core, write_core_csv
-        from titanlite.paths import cache_dir
-
         bundle = args.bundle or Path(config.eval.eval_bundle_dir or cache_dir() / "eval_bundle")
         if not (bundle / "core.yaml").is_file():
             raise UserError(f"no CORE bundle at {bundle}: run python -m scripts.download_eval_bundle (internet) or "
@@ -150,9 +131,6 @@ def run(args: argparse.Namespace) -> int:
             logger.info(f"wrote {out}")
 
     if "samples" in wanted:
-        from titanlite.eval.samples import sample_completions
-        from titanlite.models.gpt.generate import generate
-
         for text in sample_completions(model, tokenizer):
             logger.info(f"  sample: {text!r}")
         bos = tokenizer.bos_token_id
@@ -167,6 +145,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from titanlite.train import cli_entry
-
     cli_entry(main)

@@ -147,7 +147,6 @@ def _measure_peaks(device, compute_dtype) -> dict:
 
 def _profile_step(trainer, step: int, sync) -> dict:
     """One train step under torch.profiler: seconds of matmul, attention, communication and other ops."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = trainer.device.type == "cuda"
@@ -337,7 +336,6 @@ def build_variants(compare: list[str], extra: list[str], native_bf16: bool, base
 
 
 def _attention_variants(base_argv: list[str], skipped: list) -> list[Variant]:
-    import torch
 
     from titanlite.attention import BACKENDS, backend_available
     from titanlite.config import load_config

@@ -5,7 +5,7 @@
     python -m scripts.export outputs/d12/step-002000 --out d12
 
 Runs in a plain process (no torchrun): DCP assembles full tensors from every rank's shards. Load the result
-with `titanlite.checkpoint.load_exported(folder)` (also importable from here). No pickle anywhere: safetensors
+with `titanlite.export.load_exported(folder)` (also importable from here). No pickle anywhere: safetensors
 for the weights, JSON for the model args.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from titanlite.checkpoint import export_checkpoint, find_step_dir, load_exported
+from titanlite.checkpoint import find_step_dir
+from titanlite.export import export_checkpoint, load_exported
 from titanlite.cli import run_cli
 from titanlite.logging_utils import init_logger, logger
 

@@ -358,7 +358,7 @@ def uses_banded_sdpa(t: int, window: int) -> bool:
 def _sdpa_banded(q, k, v, window: int, gqa: bool) -> torch.Tensor:
     """Causal sliding-window attention on (B, T, H, D) by query blocks of `window` rows; returns (B, T, H, D)."""
     B, T, H, D = q.shape
-    Hkv, b = k.size(2), window
+    b = window
     n = -(-T // b)
     if n * b != T:  # pad the end: padded keys lie in every real query's future, so they are never seen
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, n * b - T)) for x in (q, k, v))

@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """A single process without a process group is a normal titanlite run, not worth DCP's warning per save."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -84,7 +84,7 @@ class ModelState(Stateful):
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
 
 
-class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
     """DCP's planner, but non-tensor entries are unpickled with weights_only=True (no arbitrary code)."""
 
     def load_bytes(self, read_item, value) -> None:
@@ -132,14 +132,19 @@ def remove_interrupted_saves(folder: Path) -> None:
             os.rename(replaced, final_dir)
 
 
-def model_args_dict(states: dict[str, Any]) -> dict | None:
-    """The first module's `args` dataclass as a dict (None when no module in `states` has one)."""
+def _model_args(states: dict[str, Any]):
+    """The first module's `args` dataclass (None when no module in `states` has one)."""
     for value in states.values():
         if isinstance(value, nn.Module):
             args = getattr(value, "args", None)
             if dataclasses.is_dataclass(args):
-                return dataclasses.asdict(args)
+                return args
     return None
+
+
+def model_args_dict(states: dict[str, Any]) -> dict | None:
+    args = _model_args(states)
+    return dataclasses.asdict(args) if args is not None else None
 
 
 def _as_dcp_states(states: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +239,9 @@ class CheckpointManager:
         if config_toml is None:
             config_file = self.folder / "config.toml"
             config_toml = config_file.read_text() if config_file.is_file() else ""
+        args = _model_args(states)
         return {"format_version": FORMAT_VERSION, "step": step, "model_args": model_args_dict(states),
+                "model_args_class": type(args).__name__ if args is not None else None,
                 "world_size": self.world.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "tokenizer_fingerprint": self.tokenizer_fingerprint, "config_toml": config_toml}
 
@@ -261,7 +268,7 @@ class CheckpointManager:
         meta = self._meta(step, states)
         dcp_states = _as_dcp_states(states)
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 if self.async_enabled and not final:
                     future = dcp.async_save(dcp_states, checkpoint_id=str(tmp), process_group=self._async_group,
                                             no_dist=not self._distributed)
@@ -421,8 +428,8 @@ class CheckpointManager:
                             "(data.tokenizer_dir, data.dataset, data.vocab_size) or start a new run (another "
                             "checkpoint.model_tag)")
         try:
-            with _quiet_single_process():
-                dcp.load(_as_dcp_states(states), checkpoint_id=str(step_dir), planner=_WeightsOnlyLoadPlanner(),
+            with quiet_single_process():
+                dcp.load(_as_dcp_states(states), checkpoint_id=str(step_dir), planner=WeightsOnlyLoadPlanner(),
                          no_dist=not self._distributed)
         except UserError:
             raise
@@ -435,13 +442,7 @@ class CheckpointManager:
         self.wait()
 
 
-# ----- export: one safetensors file + config JSON, for inference and sharing -----------------------------------
-
-EXPORT_WEIGHTS_FILE = "model.safetensors"
-EXPORT_CONFIG_FILE = "config.json"
-EXPORT_FORMAT = "titanlite-gpt-v1"
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
+# ----- finding a step folder (export, evaluation) ---------------------------------------------------------------
 
 def find_step_dir(path: Path, step: int | str = "latest") -> Path:
     """`path` is a step folder itself, or a run folder from which `step` (a number or "latest") is picked."""
@@ -459,64 +460,3 @@ def find_step_dir(path: Path, step: int | str = "latest") -> Path:
         raise UserError(f"checkpoint step {step} not found in {path}; available steps: "
                         f"{', '.join(map(str, steps)) or 'none'}")
     return path / step_dir_name(int(step))
-
-
-def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
-    """DCP step folder -> `out_dir/model.safetensors` (full, unsharded) + `out_dir/config.json`.
-
-    Runs in a plain process, no process group: DCP reads every rank's shards and assembles full tensors.
-    """
-    from safetensors.torch import save_file
-
-    from titanlite.models.gpt.model import GPT, GPTArgs
-
-    if dtype not in EXPORT_DTYPES:
-        raise UserError(f"export dtype {dtype!r} is not supported; use float32 or bfloat16")
-    step_dir = Path(step_dir)
-    meta = read_meta(step_dir)
-    if not meta.get("model_args"):
-        raise UserError(f"{step_dir}/{META_FILE} has no model_args: this checkpoint cannot be exported")
-    args = GPTArgs(**meta["model_args"])
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(args, attention_backend="auto"))
-    model.to_empty(device="cpu")
-    weights = get_model_state_dict(model)
-    try:
-        with _quiet_single_process():
-            dcp.load({"model": weights}, checkpoint_id=str(step_dir), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001
-        raise UserError(f"could not read the model weights of {step_dir}: {describe_failure(exc)}") from exc
-    tensors = {name: t.detach().to(EXPORT_DTYPES[dtype]).contiguous() for name, t in weights.items()}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / EXPORT_WEIGHTS_FILE),
-              metadata={"format": EXPORT_FORMAT, "step": str(meta["step"])})
-    config = {"format": EXPORT_FORMAT, "model_args": meta["model_args"], "step": meta["step"], "dtype": dtype,
-              "source": str(step_dir)}
-    (out_dir / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return out_dir
-
-
-def load_exported(path: Path | str, device: torch.device | str = "cpu", attention_backend: str = "auto"):
-    """An exported folder (or its model.safetensors) -> a ready GPT in eval mode with fp32 master weights."""
-    from safetensors.torch import load_file
-
-    from titanlite.models.gpt.model import GPT, GPTArgs
-
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    config_file, weights_file = folder / EXPORT_CONFIG_FILE, folder / EXPORT_WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
-        raise UserError(f"{folder} is not an exported model: it needs {EXPORT_WEIGHTS_FILE} and {EXPORT_CONFIG_FILE} "
-                        "(write them with python -m scripts.export)")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{config_file} has format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    args = dataclasses.replace(GPTArgs(**config["model_args"]), attention_backend=attention_backend)
-    with torch.device("meta"):
-        model = GPT(args)
-    model.to_empty(device=device)
-    tensors = load_file(str(weights_file), device=str(device))
-    model.load_state_dict({name: t.float() for name, t in tensors.items()}, strict=True)
-    model.init_buffers()
-    return model.eval()

@@ -49,9 +49,6 @@ class WorldInfo:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor)
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce_max(tensor)
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -142,12 +139,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over all ranks (returns the tensor); a no-op without a process group."""
     if _initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if _initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

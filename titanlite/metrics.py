@@ -16,7 +16,6 @@ import torch
 from titanlite.cpu_peak import cpu_name, cpu_peak_flops
 from titanlite.errors import UserError
 from titanlite.fs_errors import fs_error_line
-from titanlite.logging_utils import logger
 
 # Dense BF16 tensor-core peak per device, matched on the lower-cased device name: the first row whose
 # substrings all occur wins, so the specific variants (NVL, PCIe) come before the plain name.

@@ -1,89 +1,145 @@
-"""TrainSpec: everything the trainer needs to know about one model family, and the registry of them.
+"""TrainSpec: everything model-specific, in one object per model family.
 
-The trainer never imports a model directly: it looks up `model.name` here, builds the model's args from the
-plan, constructs the model on the meta device and hands it to the spec's builders.
+The trainer, the planner, the evaluators and export know a model only through its TrainSpec: how the depth dial
+becomes the family's args, what the model counts (parameters by group, scaling parameters, FLOPs per token),
+which optimizer each parameter group gets with which LR/betas/weight decay, how it is parallelized, and how it
+is exported. The registry of families is `titanlite.models` (one line per family).
+
+A model class a spec names implements this protocol (the trainer calls it directly):
+    Model(args)                                  construction, on the meta device
+    init_weights()                               after to_empty: every parameter and buffer (normal_/uniform_
+                                                 fills are drawn per parameter name by materialize)
+    init_buffers()                               non-persistent buffers only (export/load)
+    set_compute_dtype(dtype), compute_dtype      activations/matmuls; parameters stay fp32
+    set_attention_backend(name)                  a name from titanlite.attention.select_attention_backend
+    forward(idx, targets=None, loss_reduction="mean", kv_cache=None)
+                                                 logits (B, T, vocab) in fp32, or the loss (ignore_index -1)
+    optimizer_param_groups() -> {group: [params]}  the groups the spec's optimizer_groups names
+    new_kv_cache(batch_size, max_len)            a titanlite.generate.KVCache for decoding
+    max_positions                                the longest sequence forward accepts
+    blocks                                       nn.ModuleList of the repeated blocks (AC, compile, FSDP units)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from titanlite.errors import UserError
+ADAMW, MUON = "adamw", "muon"
 
-if TYPE_CHECKING:
-    from titanlite.config.sections import ModelConfig
-    from titanlite.scaling import Plan
 
-# (plan, model section) -> the model's args dataclass instance
-ArgsFromPlan = Callable[["Plan", "ModelConfig"], Any]
-# (model, runtime objects such as the device mesh and config sections) -> the same model, parallelized in place
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the planner needs from a model, computed from its args without weights."""
+    params: dict[str, int]   # by group, with "total"
+    scaling_params: int      # N of the tokens:params ratio and of the batch-size rule
+    flops_per_token: int     # training FLOPs per token: 6 x matmul weights + attention
+    width: int               # residual stream width, for the embedding-type LR width scaling
+
+
+@dataclass(frozen=True)
+class LRScales:
+    """The recipe's hyperparameter scaling, the same for every family (titanlite.scaling computes it)."""
+    batch: float              # sqrt(B / 2^19): every LR
+    width: float              # (width / 768) ^ -0.5: embedding-type LRs
+    muon_weight_decay: float  # weight_decay x batch x N(d12) / N: the matrices' decoupled weight decay
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """One optimizer parameter group as the optimizers are built with it (and as the plan prints it)."""
+    optimizer: str                        # ADAMW or MUON
+    lr: float                             # initial LR (Muon: before its per-shape sqrt(max(1, rows/cols)))
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW only; Muon's momentum follows lr_scheduler.momentum_*
+    weight_decay: float = 0.0
+
+
+# (model section, vocab size) -> the family's args dataclass
+BuildArgsFn = Callable[[Any, int], Any]
+# (model, world, compile, float8, activation_checkpoint sections, param_dtype=) -> the model, parallelized in place
 ParallelizeFn = Callable[..., nn.Module]
-# (model, plan, config sections, ...) -> optimizer container (Stateful: state_dict / load_state_dict)
-BuildOptimizersFn = Callable[..., Any]
-# (model, inputs (B,T), targets (B,T)) -> SUM of token losses; the trainer divides by the global token count
+# (optimizer section, LRScales) -> {group name: GroupSettings}
+OptimizerGroupsFn = Callable[[Any, LRScales], dict[str, GroupSettings]]
+# (model, inputs (B, T), targets (B, T)) -> SUM of token losses; the trainer divides by the global token count
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-BuildLossFn = Callable[[], LossFn]
 
 
 def forward_sum_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Default loss: the model computes it in forward (so the head + CE can be fused/compiled with it)."""
+    """The model computes the loss in forward, so a fused head + CE runs inside its (compiled) graph."""
     return model(inputs, targets, loss_reduction="sum")
-
-
-def build_forward_sum_loss() -> LossFn:
-    return forward_sum_loss
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     name: str
-    model_args_cls: type
+    model_args_cls: type                         # args dataclass: checkpoints and exports store it as a dict
     model_cls: type[nn.Module]
-    args_from_plan: ArgsFromPlan
-    parallelize: ParallelizeFn | None = None
-    build_optimizers: BuildOptimizersFn | None = None
-    build_loss: BuildLossFn | None = None
+    build_args: BuildArgsFn
+    counts: Callable[[Any], ModelCounts]
+    describe: Callable[[Any], list[str]]         # the plan's lines about the architecture
+    optimizer_groups: OptimizerGroupsFn
+    parallelize: ParallelizeFn
+    window_pattern: Callable[[Any], str] = lambda args: "L"  # S = sliding window layers (attention kernel choice)
+    # (plan, compute bytes, shard degree, ac mode, selective_every, fused_head, compiled) -> MemoryEstimate
+    estimate_memory: Callable[..., Any] | None = None
+    loss: LossFn = forward_sum_loss
+    export_format: str = ""
 
-    def loss_fn(self) -> LossFn:
-        return (self.build_loss or build_forward_sum_loss)()
-
-    def build_meta_model(self, plan: "Plan", model_cfg: "ModelConfig") -> nn.Module:
-        """The model with no storage (meta device); `to_empty(device=...)` + `init_weights()` make it real."""
-        args = self.args_from_plan(plan, model_cfg)
+    def build_meta_model(self, args) -> nn.Module:
+        """The model with no storage; titanlite.models.build.materialize makes it real."""
         with torch.device("meta"):
             return self.model_cls(args)
 
+    def args_to_dict(self, args) -> dict:
+        return dataclasses.asdict(args)
 
-_REGISTRY: dict[str, TrainSpec] = {}
-
-
-def register_train_spec(spec: TrainSpec, *, replace: bool = False) -> None:
-    """Make `spec` selectable by `model.name = spec.name`."""
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"a TrainSpec named {spec.name!r} is already registered (pass replace=True)")
-    _REGISTRY[spec.name] = spec
+    def args_from_dict(self, values: dict, **changes):
+        known = {f.name for f in dataclasses.fields(self.model_args_cls)}
+        return self.model_args_cls(**{k: v for k, v in {**values, **changes}.items() if k in known})
 
 
-def _register_builtins() -> None:
-    if "gpt" not in _REGISTRY:  # imported lazily so `import titanlite.spec` stays cheap
-        from titanlite.models.gpt import gpt_train_spec
-
-        _REGISTRY["gpt"] = gpt_train_spec()
-
-
-def registered_names() -> list[str]:
-    _register_builtins()
-    return sorted(_REGISTRY)
+def width_and_heads(depth: int, aspect_ratio: int, head_dim: int) -> tuple[int, int]:
+    """The recipe's width rule, for families that use it: width = depth x aspect_ratio rounded up to a multiple
+    of head_dim; heads = width / head_dim."""
+    width = -(-depth * aspect_ratio // head_dim) * head_dim
+    return width, width // head_dim
 
 
-def get_train_spec(name: str) -> TrainSpec:
-    _register_builtins()
-    if name not in _REGISTRY:
-        raise UserError(f"model.name = {name!r} is not a registered model; registered: "
-                        f"{', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU."""
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    weight_copies: int          # compute-dtype copies of weights alive during a step
+    activations: int            # at the device batch size, no activation checkpointing
+    activations_ac: int         # with the checkpointing mode asked for (full if none was asked)
+    ac_mode: str
+    shard_degree: int
+    compute_bytes: int
+    compiled: bool = False
+
+    @property
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states + self.weight_copies
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations
+
+    @property
+    def total_ac(self) -> int:
+        return self.static + self.activations_ac
+
+
+def checkpointed_blocks(n_layer: int, mode: str, selective_every: int) -> set[int]:
+    if mode == "full":
+        return set(range(n_layer))
+    if mode == "selective":
+        return {i for i in range(n_layer) if i % max(1, selective_every) == 0}
+    return set()

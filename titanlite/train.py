@@ -1,6 +1,6 @@
 """`python -m titanlite.train --job.config_file FILE [--section.key=value ...]`: the entry point and the loop.
 
-Order (DESIGN.md): config -> device/world -> run-folder lock -> data + tokenizer -> plan -> model on meta ->
+Order (docs/design.md): config -> device/world -> run-folder lock -> data + tokenizer -> plan -> model on meta ->
 parallelize (float8, AC, compile, FSDP) -> materialise + init -> optimizers -> loaders -> resume -> loop. Each
 component gets only its own config section. SIGTERM (preemption) makes the loop save at the next step boundary
 and exit 143.
@@ -22,11 +22,33 @@ from pathlib import Path
 
 import torch
 
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from titanlite.assemble import assemble_model
+from titanlite.checkpoint import CheckpointManager, agree_on_error, remove_interrupted_saves
 from titanlite.cli import Stop, run_cli
 from titanlite.config import config_to_toml, help_text, load_config
+from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
+from titanlite.data.epochs import repeat_warning
+from titanlite.data.loader import build_loader
+from titanlite.data.streams import TrainData
+from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
+from titanlite.distributed import init_distributed, set_seed, teardown_distributed
 from titanlite.errors import UserError
+from titanlite.eval.bpb import evaluate_bpb
+from titanlite.eval.core import core_line, core_settings, evaluate_core
+from titanlite.eval.samples import sample_completions
+from titanlite.float8 import bf16_eval
 from titanlite.fs_errors import reported_fs_errors
 from titanlite.logging_utils import init_logger, logger
+from titanlite.metrics import MetricsLogger, describe_device, format_step_line, peak_memory_mib
+from titanlite.models import get_train_spec
+from titanlite.optim import build_optimizers
+from titanlite.paths import cache_dir
+from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
+from titanlite.run_lock import RunLock
+from titanlite.scaling import derive_plan, format_plan
 from titanlite.train_state import TrainState
 
 TIMING_WARMUP_STEPS = 10  # total_training_time skips steps 0-10 (compile/warm-up), as the leaderboard does
@@ -51,13 +73,6 @@ class Trainer:
             raise
 
     def _setup(self, config) -> None:
-        from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-        from titanlite.device import prepare_backend, resolve_device_type
-        from titanlite.distributed import init_distributed, set_seed
-        from titanlite.metrics import MetricsLogger, describe_device
-        from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
-        from titanlite.scaling import derive_plan, format_plan
-
         self.config = cfg = config
         device_type = resolve_device_type(cfg.training.device_type)
         prepare_backend(device_type)
@@ -92,7 +107,9 @@ class Trainer:
         logger.info(f"Vocab size: {vocab_size:,}")
         self.token_bytes = self.tokenizer.token_bytes().to(self.device)
 
-        self.plan = plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, vocab_size, world.world_size)
+        self.spec = get_train_spec(cfg.model.name)
+        self.plan = plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, vocab_size, world.world_size,
+                                       self.spec)
         self._build_model()
         logger.info(format_plan(plan))
 
@@ -104,8 +121,6 @@ class Trainer:
         self._build_loaders()
         self.state = TrainState()
         self.loss_history: list[tuple[int, float]] = []  # (step, global mean loss) of every logged step
-        from titanlite.checkpoint import CheckpointManager
-
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, world,
                                               tokenizer_fingerprint=self.tokenizer.fingerprint())
         self._sigterm_armed = (cfg.checkpoint.enabled and cfg.checkpoint.save_on_sigterm
@@ -113,17 +128,12 @@ class Trainer:
         self._sigterm_received = False
         self._control_group = None  # CPU gloo group for the per-step stop/publish decision (_step_boundary)
         if world.is_distributed and (self._sigterm_armed or self.checkpointer.async_enabled):
-            import torch.distributed as dist
-
             self._control_group = dist.new_group(backend="gloo")
         self.resumed_step = self._maybe_resume()
 
     def _lock_run_dir(self) -> None:
         """Rank 0 locks the run folder and clears what interrupted saves left there; every rank learns whether
         that worked."""
-        from titanlite.checkpoint import agree_on_error, remove_interrupted_saves
-        from titanlite.run_lock import RunLock
-
         error = None
         if self.is_main:
             try:
@@ -138,43 +148,18 @@ class Trainer:
 
     # ---- construction -----------------------------------------------------------------------------------
     def _build_model(self) -> None:
-        from titanlite.attention import select_attention_backend
-        from titanlite.models.gpt.parallelize import materialize
-        from titanlite.spec import get_train_spec
-
-        cfg = self.config
-        self.spec = spec = get_train_spec(cfg.model.name)
-        backend, lines = select_attention_backend(cfg.model.attention_backend, self.device.type,
-                                                  self.compute_dtype, cfg.model.window_pattern.upper())
-        for line in lines:
-            logger.info(line)
-        model = spec.build_meta_model(self.plan, cfg.model)
-        if hasattr(model, "set_compute_dtype"):
-            model.set_compute_dtype(self.compute_dtype)
-        if hasattr(model, "set_attention_backend"):
-            model.set_attention_backend(backend)
-        if spec.parallelize is not None:
-            model = spec.parallelize(model, self.world, cfg.compile, cfg.float8, cfg.activation_checkpoint,
-                                     param_dtype=self.compute_dtype)
-        self.model = materialize(model, self.device)
-        self.loss_fn = spec.loss_fn()
+        self.model = assemble_model(self.spec, self.plan.model_args, self.config, self.world, self.compute_dtype)
+        self.loss_fn = self.spec.loss
 
     def _build_optimizers(self) -> None:
-        from titanlite.optim import build_optimizers
-
         cfg = self.config
-        build = self.spec.build_optimizers or build_optimizers
-        self.optimizers = build(self.model.optimizer_param_groups(), cfg.optimizer, self.plan, cfg.lr_scheduler,
-                                compute_dtype=self.compute_dtype)
+        self.optimizers = build_optimizers(self.model.optimizer_param_groups(), cfg.optimizer, self.plan,
+                                           cfg.lr_scheduler, compute_dtype=self.compute_dtype)
 
     def _build_loaders(self) -> None:
         """Layout-invariant data (data/streams.py): one packing stream per row of the global batch; this rank
         holds the streams of its rows and each micro-step stacks its B of them. Any device_batch_size and
         process count dividing the same global batch read the same rows, so a checkpoint resumes under any."""
-        from titanlite.data.epochs import repeat_warning
-        from titanlite.data.loader import build_loader
-        from titanlite.data.streams import TrainData
-
         cfg, plan, world = self.config, self.plan, self.world
         accum = plan.grad_accum_steps
         self.train_data = TrainData(
@@ -221,8 +206,6 @@ class Trainer:
     def _eval_context(self, eager: bool = False):
         """Float8 layers run in bf16 for evaluation; `eager` also bypasses compiled blocks (KV-cache decoding
         changes shapes every token, which would only churn through recompilations)."""
-        from titanlite.float8 import bf16_eval
-
         with contextlib.ExitStack() as stack:
             stack.enter_context(bf16_eval(self.model))
             if eager:
@@ -230,8 +213,6 @@ class Trainer:
             yield
 
     def evaluate_val_bpb(self, step: int) -> None:
-        from titanlite.eval.bpb import evaluate_bpb
-
         self.model.eval()
         self.val_loader.reset()
         with self._eval_context():
@@ -244,11 +225,6 @@ class Trainer:
                                     "total_training_time": self.state.total_training_time})
 
     def evaluate_core(self, step: int) -> None:
-        from torch.distributed.tensor import DTensor
-
-        from titanlite.eval.core import core_line, core_settings, evaluate_core
-        from titanlite.paths import cache_dir
-
         bundle = Path(self.config.eval.eval_bundle_dir or cache_dir() / "eval_bundle")
         if not (bundle / "core.yaml").is_file():
             logger.info(f"step {step:05d} | CORE: not available (no eval bundle at {bundle}; run "
@@ -272,8 +248,6 @@ class Trainer:
         self.metrics.scalars(step, values)
 
     def sample(self, step: int) -> None:
-        from titanlite.eval.samples import sample_completions
-
         self.model.eval()
         with self._eval_context(eager=True):
             completions = sample_completions(self.model, self.tokenizer)
@@ -334,8 +308,6 @@ class Trainer:
             return False
         stop, unfinished = self._sigterm_received, pending is False
         if self._control_group is not None:
-            import torch.distributed as dist
-
             flags = torch.tensor([int(stop), int(unfinished)], dtype=torch.int64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control_group)
             stop, unfinished = (bool(v) for v in flags.tolist())  # a CPU tensor: no device sync
@@ -446,8 +418,6 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _log_step(self, step: int, loss: float, dt: float) -> None:
-        from titanlite.metrics import format_step_line
-
         plan, state = self.plan, self.state
         ema = state.update_loss(loss)
         tok_per_sec = plan.total_batch_size / dt
@@ -464,8 +434,6 @@ class Trainer:
                                     "total_training_time": state.total_training_time})
 
     def _finish(self) -> dict:
-        from titanlite.metrics import peak_memory_mib
-
         state, plan = self.state, self.plan
         peak = peak_memory_mib(self.device)
         logger.info(f"Peak memory usage: {peak:.2f} MiB")
@@ -520,8 +488,6 @@ def _finite_or_none(value: float):
 
 def dry_run(config) -> int:
     """The resolved config and the plan, on the meta device: no data, no weights, no process group."""
-    from titanlite.scaling import derive_plan, format_plan
-
     world_size = config.parallelism.world_size if config.parallelism.world_size > 0 else 1
     plan = derive_plan(config.model, config.training, config.optimizer, config.data.vocab_size, world_size)
     logger.info(format_plan(plan))
@@ -531,8 +497,6 @@ def dry_run(config) -> int:
 def run_training(config) -> int:
     if config.job.dry_run:
         return dry_run(config)
-    from titanlite.device import is_out_of_memory, out_of_memory_message
-
     trainer = Trainer(config)
     failed = True
     try:
@@ -563,8 +527,6 @@ def main(argv: list[str]) -> int:
 def cli_entry(main_fn) -> None:
     """Run `main_fn` as a process entry point: one-line user errors, then a clean distributed teardown."""
     code = run_cli(main_fn)
-    from titanlite.distributed import teardown_distributed
-
     if code == SIGTERM_EXIT_CODE:
         _leave_process_group_together(code)
     teardown_distributed(code)  # under torchrun: barrier/destroy/os._exit (avoids gloo's exit-time abort)
@@ -575,8 +537,6 @@ def _leave_process_group_together(code: int) -> None:
     """After a SIGTERM stop every rank saved and stopped at the same step, so they can leave the process group
     in the order that avoids gloo's exit-time abort (barrier, destroy, flush, os._exit) and keep the exit code;
     teardown_distributed does this only for successful runs."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()

@@ -20,7 +20,8 @@ from titanlite.config.sections import (ActivationCheckpointConfig, CheckpointCon
                                        ParallelismConfig)
 from titanlite.distributed import init_distributed, set_seed
 from titanlite.models.gpt.model import GPT, GPTArgs
-from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
+from titanlite.models.gpt.parallelize import parallelize_gpt
+from titanlite.parallelize import materialize
 from titanlite.train_state import TrainState
 
 ARGS = GPTArgs(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, head_dim=32, vocab_size=512, sequence_len=32,

@@ -17,12 +17,14 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tests.helpers.dist import run_in_processes
-from titanlite.checkpoint import CheckpointManager, export_checkpoint, load_exported
+from titanlite.checkpoint import CheckpointManager
+from titanlite.export import export_checkpoint, load_exported
 from titanlite.config.sections import (ActivationCheckpointConfig, CheckpointConfig, CompileConfig, Float8Config,
                                        LRSchedulerConfig, OptimizerConfig, ParallelismConfig)
 from titanlite.distributed import init_distributed, set_seed
 from titanlite.models.gpt.model import GPT, GPTArgs
-from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
+from titanlite.models.gpt.parallelize import parallelize_gpt
+from titanlite.parallelize import materialize
 from titanlite.optim import build_optimizers
 from titanlite.train_state import TrainState
 

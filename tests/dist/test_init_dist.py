@@ -17,7 +17,8 @@ from tests.helpers.dist import run_in_processes
 from titanlite.config.sections import ActivationCheckpointConfig, CompileConfig, Float8Config, ParallelismConfig
 from titanlite.distributed import init_distributed, set_seed
 from titanlite.models.gpt.model import GPT, GPTArgs
-from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
+from titanlite.models.gpt.parallelize import parallelize_gpt
+from titanlite.parallelize import materialize
 
 # ~29M parameters: one fp32 copy (~116 MB) is far above the noise of a fresh process's RSS
 ARGS = GPTArgs(n_layer=4, n_embd=512, n_head=4, n_kv_head=4, head_dim=128, vocab_size=8192, sequence_len=64,

@@ -147,7 +147,12 @@ def _two_rank_worker(rank, world_size, save_dir, single_dir, reference):
     _train(model, optimizers, range(STEPS), rank, world_size, save_dir=save_dir)
     from_scratch = _max_diffs(_full_params(model), reference)
     counts = optimizers.muon.orthogonalized_matrices
-    owned = [len(layout.owned) for layout in optimizers.muon.layouts]
+    muon = optimizers.muon
+    owned = [{"shape": (layout.rows, layout.cols), "matrices": layout.num_matrices,
+              "owned": (layout.owned.start, layout.owned.stop), "rows_per_rank": layout.rows_per_rank(),
+              # measured: the rows FSDP2 really left on this rank, for every matrix of the group
+              "local_rows": [p.to_local().shape[0] for p in group["params"]]}
+             for layout, group in zip(muon.layouts, muon.param_groups)]
 
     model, optimizers = _build(seed=1, world_size=world_size)  # different init: the load must overwrite it
     _load(model, optimizers, single_dir)
@@ -197,10 +202,43 @@ def test_two_ranks_fsdp_match_one_process(runs):
         _assert_close(result["from_scratch"])
 
 
+def _block_shape_groups():
+    """{(rows, cols): number of matrices} of the block parameters, read off a plain model's modules."""
+    groups = {}
+    for p in StandInGPT().blocks.parameters():
+        groups[tuple(p.shape)] = groups.get(tuple(p.shape), 0) + 1
+    return dict(sorted(groups.items()))
+
+
+def _expected_layouts(world):
+    """Per rank, per shape group (sorted shapes), from the two rules written out here:
+    - ownership: a group of K matrices is cut into contiguous chunks of ceil(K / world) matrices, chunk r on rank r;
+    - FSDP2 Shard(0) (torch.chunk): ceil(rows / world) rows per rank, the last rank(s) hold what is left."""
+    out = []
+    for rank in range(world):
+        layouts = []
+        for (rows, cols), k in _block_shape_groups().items():
+            per_rank = -(-k // world)
+            start, stop = min(k, rank * per_rank), min(k, (rank + 1) * per_rank)
+            row_chunk = -(-rows // world)
+            rows_per_rank = [max(0, min(row_chunk, rows - r * row_chunk)) for r in range(world)]
+            layouts.append({"shape": (rows, cols), "matrices": k, "owned": (start, stop),
+                            "rows_per_rank": rows_per_rank, "local_rows": [rows_per_rank[rank]] * k})
+        out.append(layouts)
+    return out
+
+
 def test_each_rank_orthogonalises_only_its_share(runs):
-    # Groups (sorted shapes): (3,8) x3, (32,32) x6, (32,64) x3, (64,32) x3 -> chunks of 2+1, 3+3, 2+1, 2+1.
-    assert [r["owned"] for r in runs.ranks] == [[2, 3, 2, 2], [1, 3, 1, 1]]
-    assert [r["counts"] for r in runs.ranks] == [9 * STEPS, 6 * STEPS]
+    # The stand-in's blocks: attn/proj (32, 32), fc (64, 32), out (32, 64), gate (3, 8), three of each per block.
+    assert _block_shape_groups() == {(3, 8): 3, (32, 32): 6, (32, 64): 3, (64, 32): 3}
+    expected = _expected_layouts(2)
+    # (3, 8) x 3 over 2 ranks: matrices 0-1 on rank 0, 2 on rank 1; rows 2 + 1 (the uneven FSDP2 shard)
+    assert expected[0][0]["owned"] == (0, 2) and expected[1][0]["owned"] == (2, 3)
+    assert expected[0][0]["rows_per_rank"] == [2, 1]
+    assert [r["owned"] for r in runs.ranks] == expected
+    owned_per_rank = [sum(stop - start for start, stop in (g["owned"] for g in layouts)) for layouts in expected]
+    assert owned_per_rank == [2 + 3 + 2 + 2, 1 + 3 + 1 + 1]
+    assert [r["counts"] for r in runs.ranks] == [n * STEPS for n in owned_per_rank]
     assert sum(r["counts"] for r in runs.ranks) == runs.single_counts == 15 * STEPS
 
 

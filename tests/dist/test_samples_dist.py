@@ -64,7 +64,7 @@ def test_ranks_stay_in_lockstep_when_one_stops_early():
 
 
 def test_one_process_still_stops_at_bos():
-    from titanlite.models.gpt.generate import complete
+    from titanlite.generate import complete
 
     class Alone(CollectiveModel):
         def __call__(self, ids, kv_cache=None):

@@ -162,7 +162,7 @@ def test_export_to_safetensors_and_load(tmp_path):
     from safetensors import safe_open
 
     from scripts.export import main as export_main
-    from titanlite.checkpoint import load_exported
+    from titanlite.export import load_exported
 
     ckpt = manager(tmp_path)
     model, optimizer, state = trained(4)

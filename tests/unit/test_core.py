@@ -340,6 +340,10 @@ def test_bundle_errors_are_user_errors(tmp_path):
                                                                          "icl_task_type: cloze"))
     with pytest.raises(UserError, match="cloze"):
         load_bundle(bad_type)
+    damaged = write_bundle(tmp_path / "b4", yaml_text="icl_tasks:\n- label: [mc_test\n")
+    with pytest.raises(UserError) as info:
+        load_bundle(damaged)
+    assert str(damaged / "core.yaml") in str(info.value) and "\n" not in str(info.value)
 
 
 def test_chunking_covers_every_example(tmp_path, monkeypatch):

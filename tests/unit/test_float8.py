@@ -11,7 +11,8 @@ from titanlite.distributed import WorldInfo
 from titanlite.errors import UserError
 from titanlite.float8 import apply_float8, bf16_eval, check_float8_hardware, float8_modules
 from titanlite.models.gpt.model import GPT, GPTArgs, Unembedding
-from titanlite.models.gpt.parallelize import materialize, parallelize_gpt
+from titanlite.models.gpt.parallelize import parallelize_gpt
+from titanlite.parallelize import materialize
 
 pytest.importorskip("torchao.float8")
 

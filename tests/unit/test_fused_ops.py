@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titanlite.models.gpt import model as gpt_model
+from titanlite.models.gpt import ops as gpt_ops
 from titanlite.models.gpt.model import apply_rotary, relu_squared, softcapped_cross_entropy
 
 
@@ -17,7 +17,7 @@ def reference_head_loss(x, weight, targets, softcap, vocab, reduction):
 @pytest.mark.parametrize("softcap", [15.0, 100.0])  # 100: past the shift-free bound, the row-max path
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fused_head_matches_reference_loss_and_gradients(monkeypatch, softcap, reduction):
-    monkeypatch.setitem(gpt_model.HEAD_CHUNK_ELEMENTS, "cpu", 7 * 96)  # 7 rows per chunk: 5 chunks, last partial
+    monkeypatch.setitem(gpt_ops.HEAD_CHUNK_ELEMENTS, "cpu", 7 * 96)  # 7 rows per chunk: 5 chunks, last partial
     g = torch.Generator().manual_seed(0)
     vocab, padded = 90, 96
     x = torch.randn(33, 24, generator=g, requires_grad=True)

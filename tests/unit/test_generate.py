@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titanlite.models.gpt.generate import KVCache, generate
+from titanlite.generate import KVCache, generate
 from titanlite.models.gpt.model import GPT, GPTArgs
 
 
@@ -30,7 +30,7 @@ def test_cached_logits_equal_full_forward(model):
     idx = torch.randint(0, 200, (2, 150))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache.for_model(model, batch_size=2, max_len=150)
+        cache = model.new_kv_cache(batch_size=2, max_len=150)
         chunks = [model(idx[:, a:b], kv_cache=cache) for a, b in ((0, 100), (100, 101), (101, 140), (140, 150))]
     assert cache.pos == 150
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ from titanlite.errors import UserError
 from titanlite.models.gpt.model import (GPT, GPTArgs, count_flops_per_token, count_params, has_value_embedding,
                                         window_sizes)
 from titanlite.precision import resolve_compute_dtype
-from titanlite.scaling import model_dims
+from titanlite.spec import width_and_heads as model_dims
 
 
 

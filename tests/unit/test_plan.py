@@ -53,9 +53,9 @@ def test_memory_terms_shard_and_checkpointing():
 MEASURE = r"""
 import json, re, sys, torch
 from titanlite.config import load_config
-from titanlite.models.gpt.parallelize import apply_ac, materialize
+from titanlite.parallelize import apply_ac, materialize
 from titanlite.scaling import derive_plan
-from titanlite.spec import get_train_spec
+from titanlite.models import get_train_spec
 
 def rss_kib(key):
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
@@ -66,7 +66,7 @@ out = []
 for argv in json.loads(sys.argv[1]):
     cfg = load_config(argv)
     plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, cfg.data.vocab_size, 1)
-    model = get_train_spec("gpt").build_meta_model(plan, cfg.model)
+    model = get_train_spec("gpt").build_meta_model(plan.model_args)
     apply_ac(model, cfg.activation_checkpoint)
     model = materialize(model, "cpu")
     B, T = plan.device_batch_size, plan.seq_len

@@ -8,7 +8,7 @@ import torch
 from titanlite.config.sections import ModelConfig, OptimizerConfig, TrainingConfig
 from titanlite.optim import build_optimizers
 from titanlite.scaling import derive_plan, format_plan
-from titanlite.spec import get_train_spec
+from titanlite.models import get_train_spec
 
 
 def test_printed_group_lrs_equal_optimizer_param_group_lrs():
@@ -20,7 +20,7 @@ def test_printed_group_lrs_equal_optimizer_param_group_lrs():
     printed = {name: float(value) for name, value in re.findall(r"(\w+) ([0-9.e+-]+)(?= \||$| \()", line)}
 
     spec = get_train_spec("gpt")
-    model = spec.build_meta_model(plan, model_cfg).to_empty(device="cpu")
+    model = spec.build_meta_model(plan.model_args).to_empty(device="cpu")
     model.init_weights()
     optimizers = build_optimizers(model.optimizer_param_groups(), optim, plan)
     used = {}

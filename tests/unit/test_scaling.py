@@ -9,7 +9,7 @@ import torch
 from titanlite.config.sections import ModelConfig, OptimizerConfig, TrainingConfig
 from titanlite.errors import UserError
 from titanlite.scaling import derive_plan, format_plan
-from titanlite.spec import get_train_spec
+from titanlite.models import get_train_spec
 
 MODEL = ModelConfig()  # aspect 64, head_dim 128, T 2048, SSSL
 TRAIN = TrainingConfig(target_param_data_ratio=12, device_batch_size=16)
@@ -118,7 +118,7 @@ def test_dry_run_d26_on_meta_matches_plan():
     """The d26 plan and a meta model agree, and building it allocates no real storage."""
     p = plan_for(26)
     spec = get_train_spec("gpt")
-    model = spec.build_meta_model(p, replace(MODEL, depth=26))
+    model = spec.build_meta_model(p.model_args)
     assert all(t.is_meta for t in model.parameters())
     assert model.num_params() == p.params and model.scaling_params() == p.scaling_params
     assert model.flops_per_token() == p.flops_per_token

@@ -151,7 +151,6 @@ class ParallelismConfig:
 class CompileConfig:
     enabled: str = opt("auto", "torch.compile each block (auto: on for CUDA)", choices=("auto", "true", "false"),
                        loose=True)
-    loss: bool = opt(True, "also compile the softcap + cross-entropy when compiling")
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,6 @@ class ActivationCheckpointConfig:
 class DebugConfig:
     stop_after_steps: int = opt(-1, "stop the loop after this step as if interrupted (-1: off)")
     inject_nan_at_step: int = opt(-1, "make the loss NaN at this step to exercise the guard (-1: off)")
-    deterministic: bool = opt(False, "use deterministic algorithms where available")
 
 
 SECTIONS: dict[str, type] = {

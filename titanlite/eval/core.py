@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from titanlite.errors import UserError
 from titanlite.eval.core_tasks import (CORE_TASK_LABELS, LANGUAGE_MODELING, MULTIPLE_CHOICE, NUM_CORE_TASKS,
@@ -57,123 +58,38 @@ class CoreTask:
     random_baseline: float  # percent
 
 
-def _strip_yaml_comment(line: str) -> str:
-    quote = None
-    i = 0
-    while i < len(line):
-        ch = line[i]
-        if quote == '"' and ch == "\\":
-            i += 2  # an escaped character never closes the string
-            continue
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-        i += 1
-    return line
-
-
-def _split_flow_list(body: str) -> list[str]:
-    parts, current, quote = [], "", None
-    for i, ch in enumerate(body):
-        if quote:
-            current += ch
-            if ch == quote and body[i - 1] != "\\":
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-            current += ch
-        elif ch == ",":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    return parts
-
-
-def _parse_yaml_scalar(text: str, where: str):
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        return [_parse_yaml_scalar(part, where) for part in _split_flow_list(text[1:-1])]
-    if text.startswith('"'):
-        try:
-            return json.loads(text)  # YAML double-quoted escapes (\n, \t, \", \uXXXX) are JSON's
-        except json.JSONDecodeError:
-            raise UserError(f"{where}: cannot read the quoted string {text}; use JSON-style escapes") from None
-    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
-        return text[1:-1].replace("''", "'")
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text in ("null", "~", ""):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _yaml_error_line(exc: yaml.YAMLError, source: str) -> str:
+    """One line for a YAML syntax error: `source:line:column: problem (context)`."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return f"{source}: character {char} at position {exc.position}: {exc.reason}"
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_core_yaml(text: str, source: str = "core.yaml") -> list[dict]:
-    """The `icl_tasks` list of a core.yaml, without a YAML dependency.
-
-    Covers what task files use: a top-level `icl_tasks:` block list of flat mappings whose values are plain or
-    quoted scalars, flow lists (`[0]`) or block lists. Other top-level keys are skipped.
-    """
-    tasks: list[dict] = []
-    in_section = False
-    item_indent = key_indent = None
-    current: dict | None = None
-    list_key: str | None = None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        where = f"{source}:{lineno}"
-        line = _strip_yaml_comment(raw).rstrip()
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        body = line.strip()
-        if indent == 0 and not body.startswith("-"):
-            key, _, value = body.partition(":")
-            in_section = key.strip() == "icl_tasks"
-            if in_section and value.strip() not in ("", "[]"):
-                raise UserError(f"{where}: expected `icl_tasks:` followed by a block list of tasks")
-            continue
-        if not in_section:
-            continue
-        if item_indent is None and body.startswith("-"):
-            item_indent = indent
-        if indent == item_indent and (body == "-" or body.startswith("- ")):
-            current, list_key = {}, None
-            tasks.append(current)
-            rest = body[1:].lstrip(" ")
-            key_indent = indent + len(body) - len(rest) if rest else None
-            if not rest:
-                continue
-            body = rest
-        elif current is None:
-            raise UserError(f"{where}: expected a `- label: ...` task entry under icl_tasks")
-        elif list_key is not None and body.startswith("-") and indent >= (key_indent or 0):
-            current[list_key].append(_parse_yaml_scalar(body[1:], where))
-            continue
-        else:
-            if key_indent is None:
-                key_indent = indent
-            if indent != key_indent:
-                raise UserError(f"{where}: unexpected indentation; core.yaml entries must be flat key: value maps")
-        key, sep, value = body.partition(":")
-        if not sep or not key.strip():
-            raise UserError(f"{where}: expected `key: value`, got {body!r}")
-        if value.strip():
-            current[key.strip()] = _parse_yaml_scalar(value, where)
-            list_key = None
-        else:
-            current[key.strip()] = []
-            list_key = key.strip()
+    """The `icl_tasks` list of a core.yaml (a list of task mappings; other top-level keys are ignored)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot read {_yaml_error_line(exc, source)}") from None
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise UserError(f"{source}: expected a mapping with an `icl_tasks:` list at the top, "
+                        f"got a {type(document).__name__}")
+    tasks = document.get("icl_tasks")
+    if tasks is None:
+        return []
+    if not isinstance(tasks, list):
+        raise UserError(f"{source}: expected `icl_tasks:` followed by a block list of tasks")
+    for index, entry in enumerate(tasks):
+        if not isinstance(entry, dict):
+            raise UserError(f"{source}: icl_tasks entry {index + 1} is a {type(entry).__name__}, "
+                            f"expected a `- label: ...` task mapping")
     return tasks
 
 
@@ -203,7 +119,11 @@ def load_bundle(bundle_dir: str | Path) -> list[CoreTask]:
     if not yaml_path.is_file():
         raise UserError(f"no core.yaml in {bundle_dir}; run `python -m scripts.download_eval_bundle` or "
                         f"`python -m scripts.prepare_core_offline`, or set eval.eval_bundle_dir")
-    entries = parse_core_yaml(yaml_path.read_text(encoding="utf-8"), str(yaml_path))
+    try:
+        text = yaml_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{yaml_path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    entries = parse_core_yaml(text, str(yaml_path))
     baselines = read_random_baselines(bundle_dir / "eval_meta_data.csv")
     tasks = []
     for entry in entries:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from titanlite.models.gpt.generate import complete
+from titanlite.generate import complete
 
 SAMPLE_PROMPTS = (
     "The capital of France is",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,10 +21,8 @@ import torch.nn.functional as F
 
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
-
-if TYPE_CHECKING:
-    from titanlite.config.sections import ModelConfig
-    from titanlite.scaling import Plan
+from titanlite.generate import KVCache
+from titanlite.models.gpt.ops import apply_rotary, relu_squared, softcapped_cross_entropy
 
 ROPE_BASE = 100_000
 QK_SCALE = 1.2          # q and k are multiplied by this after QK-norm (logits x 1.44)
@@ -102,67 +99,10 @@ def count_flops_per_token(args: GPTArgs) -> int:
     return 6 * matmul_weights + attn
 
 
-def args_from_plan(plan: "Plan", model_cfg: "ModelConfig") -> GPTArgs:
-    return GPTArgs(n_layer=plan.n_layer, n_embd=plan.n_embd, n_head=plan.n_head, n_kv_head=plan.n_kv_head,
-                   head_dim=plan.head_dim, vocab_size=plan.vocab_size, sequence_len=plan.seq_len,
-                   window_pattern=plan.window_pattern, softcap=model_cfg.softcap,
-                   attention_backend=model_cfg.attention_backend)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves."""
-    d = x.size(-1) // 2
-    y = x * cos2
-    y[..., :d].addcmul_(x[..., d:], sin)
-    y[..., d:].addcmul_(x[..., :d], sin, value=-1.0)
-    return y
-
-
-class _Rotary(torch.autograd.Function):
-    """RoPE as one function: three passes over x instead of the seven (and a cat) of the textbook form, and
-    backward is the inverse rotation of the gradient, so nothing but the tables is saved."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        cos2 = torch.cat([cos, cos], dim=-1)
-        ctx.save_for_backward(cos2, sin)
-        return _rotate(x, cos2, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos2, sin = ctx.saved_tensors
-        return _rotate(grad, cos2, -sin), None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2)."""
-    return _Rotary.apply(x, cos, sin)
-
-
-class _ReluSquared(torch.autograd.Function):
-    """relu(x)^2 with gradient 2 relu(x) g: two passes each way (eager relu + square + threshold_backward
-    is six, and relu^2 is a third of a small model's non-matmul time)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad):
-        (r,) = ctx.saved_tensors
-        return (r + r).mul_(grad)
-
-
-def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    return _ReluSquared.apply(x)
 
 
 class Linear(nn.Linear):
@@ -173,102 +113,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
-
-
-# ---- fused head: softcap + cross-entropy in row chunks -------------------------------------------------------
-# The plain head materialises (tokens, vocab) fp32 logits several times over (matmul output, /c, tanh, *c,
-# log-softmax, and as many tensors again in backward): at d4/T512/vocab 8192 that is 128 MiB per pass and about a
-# quarter of a CPU step spent streaming memory. Here each chunk of rows goes matmul -> softcap -> logsumexp ->
-# gradient while it is still in cache, and the gradient of the loss w.r.t. the head's input and weight is formed
-# right away (the loss is a scalar, so backward only rescales it by grad_output). Same math, same matmul FLOPs.
-# logits per chunk: on CPU 8 MiB of fp32 (256 rows at vocab 8192): smaller chunks starve the matmuls (the head's
-# weight-gradient matmul has the chunk's rows as its inner dimension), larger ones fall out of the cache
-HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
-
-
-# exp(-2c) stays a normal fp32 number (> 1e-38) up to c = 43
-MAX_SHIFT_FREE_SOFTCAP = 40.0
-
-
-def _head_chunk_rows(vocab: int, device_type: str) -> int:
-    return max(1, HEAD_CHUNK_ELEMENTS.get(device_type, 1 << 24) // vocab)
-
-
-def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool):
-    """(loss per row with ignore_index -1 -> 0, fp32 grad of the logits or None) for one chunk of rows.
-
-    The softcapped logits z = c tanh(l / c) never exceed c, so exp(z - c) cannot overflow and logsumexp needs no
-    max pass: lse = c + log(sum exp(z - c)). That and reusing exp(z - c) for the softmax make this 9 passes over
-    the chunk instead of 13. A cap so large that exp(-2c) underflows fp32 shifts by the row max instead.
-    """
-    valid = (tgt >= 0).to(torch.float32)
-    tgt = tgt.clamp_min(0).unsqueeze(1)
-    tanh = torch.mm(x_c, w_v.t()).float().div_(softcap).tanh_()   # t = tanh(l / c), kept for dz/dl = 1 - t^2
-    if softcap <= MAX_SHIFT_FREE_SOFTCAP:
-        shift = torch.full_like(valid, softcap)
-        shifted = (tanh - 1.0).mul_(softcap).exp_()               # exp(z - c), in [e^-2c, 1]
-    else:
-        z = tanh * softcap
-        shift = z.amax(dim=1)
-        shifted = z.sub_(shift.unsqueeze(1)).exp_()
-    sum_exp = shifted.sum(dim=1)
-    lse = sum_exp.log() + shift
-    loss = (lse - softcap * tanh.gather(1, tgt).squeeze(1)) * valid
-    if not want_grad:
-        return loss, None
-    grad = shifted.mul_((valid / sum_exp).unsqueeze(1))          # softmax, zero on ignored rows
-    grad.scatter_add_(1, tgt, -valid.unsqueeze(1))
-    grad.addcmul_(grad, tanh.square_(), value=-1.0)  # x (1 - t^2): through the softcap
-    return loss, grad
-
-
-class _FusedSoftcapCrossEntropy(torch.autograd.Function):
-    """Summed loss over rows; forward also produces d(sum)/dx and d(sum)/dW (fp32 accumulation)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, softcap: float, vocab_size: int, chunk_rows: int):
-        n_rows = x.size(0)
-        w_v = weight[:vocab_size]
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_w_v = grad_w[:vocab_size]
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, n_rows, chunk_rows):
-            x_c, tgt = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True)
-            total += loss.sum()
-            grad = grad.to(x.dtype)
-            torch.mm(grad, w_v, out=grad_x[start:start + chunk_rows])
-            if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
-                grad_w_v.addmm_(grad.t(), x_c)
-            else:
-                grad_w_v.add_(torch.mm(grad.t(), x_c))
-            del loss, grad  # else this chunk's buffers live on through the next chunk's: 3 chunks at peak, not 2
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
-                None, None, None, None)
-
-
-def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                             vocab_size: int, reduction: str = "mean") -> torch.Tensor:
-    """CE of softcap(x @ weight[:vocab].T) against targets (ignore_index -1), reduction "sum" or "mean"."""
-    x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk_rows = _head_chunk_rows(vocab_size, x.device.type)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        total = _FusedSoftcapCrossEntropy.apply(x2, weight, t2, softcap, vocab_size, chunk_rows)
-    else:
-        total = sum(_softcap_ce_chunk(x2[s:s + chunk_rows], weight[:vocab_size], t2[s:s + chunk_rows], softcap,
-                                      want_grad=False)[0].sum() for s in range(0, x2.size(0), chunk_rows))
-    if reduction == "sum":
-        return total
-    return total / (t2 >= 0).sum()  # mean over non-ignored tokens, like F.cross_entropy (no host sync)
 
 
 class Unembedding(Linear):
@@ -387,6 +231,11 @@ class GPT(nn.Module):
     def max_positions(self) -> int:
         """Longest sequence forward accepts: the RoPE table length (10 x sequence_len)."""
         return self.rope_cos.size(1)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layer, batch_size, max_len, a.n_kv_head, a.head_dim, self.wte.weight.device,
+                       self.compute_dtype)
 
     # ----- setup -----------------------------------------------------------------------------------------------
     def set_compute_dtype(self, dtype: torch.dtype) -> None:

@@ -1,4 +1,7 @@
-"""Token-by-token generation with a KV cache (sampling during training, CORE, scripts/sample.py)."""
+"""Token-by-token generation with a KV cache, for any model family (sampling during training, base_eval).
+
+The model protocol (titanlite.spec): forward(ids, kv_cache=cache) -> logits, and new_kv_cache(batch, max_len).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,10 @@ from collections.abc import Iterator
 
 import torch
 
-from titanlite.models.gpt.model import GPT
-
 
 class KVCache:
-    """Keys/values of every layer for a batch of rows, plus the last embedding the smear needs.
+    """Keys/values of every layer for a batch of rows (and `prev_embed`, for a model that mixes in the previous
+    token's embedding, such as the GPT's smear).
 
     The model writes each layer's new k/v at `pos` and attends over the filled prefix; `advance` moves `pos`
     once all layers have run.
@@ -23,12 +25,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.prev_embed: torch.Tensor | None = None
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int) -> "KVCache":
-        a = model.args
-        return cls(a.n_layer, batch_size, max_len, a.n_kv_head, a.head_dim, model.wte.weight.device,
-                   model.compute_dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(1)
@@ -56,7 +52,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 @torch.no_grad()
-def generate(model: GPT, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
+def generate(model, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 42, use_cache: bool = True) -> Iterator[int]:
     """Yield `max_new_tokens` token ids continuing `tokens`, one at a time.
 
@@ -64,11 +60,11 @@ def generate(model: GPT, tokens: list[int], max_new_tokens: int, temperature: fl
     """
     if not tokens:
         raise ValueError("generate needs at least one prompt token (e.g. BOS)")
-    device = model.wte.weight.device
+    device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    cache = KVCache.for_model(model, 1, len(tokens) + max_new_tokens) if use_cache else None
+    cache = model.new_kv_cache(1, len(tokens) + max_new_tokens) if use_cache else None
     logits = model(ids, kv_cache=cache)[:, -1]
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, generator)
@@ -83,7 +79,7 @@ def generate(model: GPT, tokens: list[int], max_new_tokens: int, temperature: fl
 
 
 @torch.no_grad()
-def complete(model: GPT, tokens: list[int], max_new_tokens: int, stop_token: int | None = None,
+def complete(model, tokens: list[int], max_new_tokens: int, stop_token: int | None = None,
              lockstep: bool = False, **sampling) -> list[int]:
     """The new tokens continuing `tokens`, up to (not including) `stop_token`.
 
