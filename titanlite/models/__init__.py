@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from titanlite.errors import UserError
 from titanlite.models.gpt.spec import GPT_SPEC
+from titanlite.models.llama.spec import LLAMA_SPEC
 from titanlite.spec import TrainSpec
 
-_REGISTRY: dict[str, TrainSpec] = {spec.name: spec for spec in (GPT_SPEC,)}
+_REGISTRY: dict[str, TrainSpec] = {spec.name: spec for spec in (GPT_SPEC, LLAMA_SPEC)}
 
 
 def register_train_spec(spec: TrainSpec, *, replace: bool = False) -> None:
