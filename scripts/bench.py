@@ -255,7 +255,7 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
     results.join_thread()  # os._exit would drop what the queue's feeder thread has not sent yet (an error report)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)  # gloo's exit-time abort (cpu_env.md §4.1) must not turn a good run into a failure
+    os._exit(exit_code)  # gloo's exit-time abort (docs/cpu_notes.md §1) must not turn a good run into a failure
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _worker(rank: int, world_size: int, store_path: str, out_path: str, opts) ->
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # avoids gloo's occasional SIGABRT at interpreter exit (reference/cpu_env.md §4)
+    os._exit(0)  # avoids gloo's occasional SIGABRT at interpreter exit (docs/cpu_notes.md §1)
 
 
 def _run_two(opts) -> list[dict]:

@@ -81,7 +81,7 @@ def resolve_degrees(world_size: int, dp_shard: int, dp_replicate: int) -> tuple[
 
 def build_mesh(device_type: str, world_size: int, dp_shard: int, dp_replicate: int) -> DeviceMesh:
     # The mesh must live on the training device type: a gloo mesh built as "cuda" on a GPU box moved FSDP
-    # params to CUDA and crashed (torchtitan_lessons §2.5).
+    # params to CUDA and crashed (docs/cpu_notes.md §2).
     if dp_replicate > 1:
         return init_device_mesh(device_type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
@@ -143,7 +143,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def teardown_distributed(exit_code: int = 0) -> None:
-    """End the process group in the order that avoids gloo's exit-time SIGABRT (cpu_env.md §4.1).
+    """End the process group in the order that avoids gloo's exit-time SIGABRT (docs/cpu_notes.md §1).
 
     For a group this module created (torchrun workers) after a successful run: barrier -> destroy -> flush ->
     os._exit(0), so nothing after this call runs. After a failure (exit_code != 0) it returns without touching

@@ -20,7 +20,7 @@ class TrainState:
     EMA_BETA = 0.9
 
     def update_loss(self, loss: float) -> float:
-        """Fold a step loss into the EMA and return the debiased value (recipe §9.3)."""
+        """Fold a step loss into the EMA and return the debiased value (docs/recipe.md §9.3)."""
         self.ema_loss = self.EMA_BETA * self.ema_loss + (1 - self.EMA_BETA) * loss
         self.ema_updates += 1
         return self.ema_loss / (1 - self.EMA_BETA ** self.ema_updates)

@@ -1,4 +1,4 @@
-"""The GPT of recipe §1: counts, FLOPs, windows, init table, forward semantics (fp32 throughout)."""
+"""The GPT of docs/recipe.md §1: counts, FLOPs, windows, init table, forward semantics (fp32 throughout)."""
 
 import math
 
@@ -29,7 +29,7 @@ def reference_args(depth: int) -> GPTArgs:
                    vocab_size=32768, sequence_len=2048, window_pattern="SSSL")
 
 
-# recipe §2.3: depth -> (total params, scaling params, FLOPs/token at 5 significant digits)
+# docs/recipe.md §2.3: depth -> (total params, scaling params, FLOPs/token at 5 significant digits)
 TABLE = {
     4: (36_700_242, 11_534_384, 8.0216e7),
     8: (125_829_354, 41_943_232, 2.9570e8),

@@ -10,7 +10,7 @@ SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square
 
 
 def _reference_muon_step(p, g, buf, second, lr, mu, wd, beta2):
-    """One recipe §3.3 step on a single 2-D fp32 matrix, written out literally (no stacking, no sharing)."""
+    """One docs/recipe.md §3.3 step on a single 2-D fp32 matrix, written out literally (no stacking, no sharing)."""
     rows, cols = p.shape
     buf = mu * buf + (1 - mu) * g
     u = (1 - mu) * g + mu * buf

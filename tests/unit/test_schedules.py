@@ -7,7 +7,7 @@ from titanlite.config.sections import LRSchedulerConfig
 from titanlite.errors import UserError
 from titanlite.optim.schedules import TrainingSchedule
 
-# The recipe's d24 speedrun settings (recipe §4): 40 warmup steps, 65 % warmdown to 5 %, N = 5568.
+# The recipe's d24 speedrun settings (docs/recipe.md §4): 40 warmup steps, 65 % warmdown to 5 %, N = 5568.
 RECIPE_D24 = LRSchedulerConfig(warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
 
 

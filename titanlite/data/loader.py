@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit packing loader with exact resume (recipe §5.2-5.3).
+"""BOS-aligned best-fit packing loader with exact resume (docs/recipe.md §5.2-5.3).
 
 Pipeline: ShardIndex (a split's footers, once per process) -> DocStream (stream k of S: the split's row groups,
 repeated forever, dealt out round-robin; tokenised 128 docs at a time, BOS first) -> RowStream (a best-fit buffer

@@ -1,4 +1,4 @@
-"""Validation bits per byte (recipe §7.1): a vocab-independent loss.
+"""Validation bits per byte (docs/recipe.md §7.1): a vocab-independent loss.
 
 bpb = Σ nats over targets with bytes > 0 / (ln 2 · Σ bytes); special tokens (0 bytes) and ignored targets are
 excluded; sums are all-reduced across ranks.

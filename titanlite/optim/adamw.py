@@ -1,4 +1,4 @@
-"""AdamW for the embedding, unembedding and scalar groups (recipe §3.2).
+"""AdamW for the embedding, unembedding and scalar groups (docs/recipe.md §3.2).
 
 Elementwise, so under FSDP2 it runs on each rank's local shard of the DTensor parameters with no
 communication. Master weights and both moments are fp32 whatever the parameter dtype (a bf16 parameter is

@@ -1,4 +1,4 @@
-"""Muon for every matrix in the transformer blocks (recipe §3.3), distributed over FSDP2 shards.
+"""Muon for every matrix in the transformer blocks (docs/recipe.md §3.3), distributed over FSDP2 shards.
 
 One param group per distinct shape (sorted by shape). Per step and group:
 1. Nesterov momentum on the local row shards (elementwise, so it needs no communication):

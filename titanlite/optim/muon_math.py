@@ -1,4 +1,4 @@
-"""The Muon update direction for a stack of whole matrices (K, rows, cols), recipe §3.3 steps 3-7.
+"""The Muon update direction for a stack of whole matrices (K, rows, cols), docs/recipe.md §3.3 steps 3-7.
 
 Pure tensor functions, no communication: the distributed optimizer calls them only on the matrices a rank
 owns. Order matters (recipe gotcha 11): row-equilibrate -> normalise (x1.01) -> Polar Express -> snap the

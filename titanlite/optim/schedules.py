@@ -4,7 +4,7 @@ All three are pure functions of the optimizer step `it` (0 .. num_iterations - 1
 config, so resuming needs only the step; the object is still Stateful so a checkpoint records the horizon it
 was trained with and a resume with a different horizon is visible in the log.
 
-LR (recipe §4 / seed-era ratios §12):
+LR (docs/recipe.md §4 / seed-era ratios §12):
     it < warmup                 -> (it + 1) / warmup
     it <= N - warmdown          -> 1.0
     else  p = (N - it) / warmdown -> p + (1 - p) * final_lr_frac

@@ -1,4 +1,4 @@
-"""The reference recipe's GPT (nanochat_recipe.md §1), in one file.
+"""The reference recipe's GPT (docs/recipe.md §1), in one file.
 
 Pre-norm transformer with weight-free RMSNorm, RoPE (base 100000, half-split), QK-norm scaled by 1.2, ReLU² MLP,
 value embeddings on alternating layers (gated), per-layer residual/x0 scalars, smear (previous-token mixing),
@@ -70,7 +70,7 @@ def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
 
 
 def count_params(args: GPTArgs) -> dict[str, int]:
-    """Parameters by group, computed without building the model (recipe §2.1)."""
+    """Parameters by group, computed without building the model (docs/recipe.md §2.1)."""
     C, L, V = args.n_embd, args.n_layer, args.padded_vocab
     q_dim, kv_dim = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
     n_ve = sum(has_value_embedding(i, L) for i in range(L))
@@ -260,7 +260,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """All real initialisation (recipe §1.4); call after `to_empty(device=...)`."""
+        """All real initialisation (docs/recipe.md §1.4); call after `to_empty(device=...)`."""
         C, L = self.args.n_embd, self.args.n_layer
         s = math.sqrt(3) / math.sqrt(C)  # uniform bound with std 1/sqrt(C)
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
