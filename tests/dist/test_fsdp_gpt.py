@@ -25,14 +25,17 @@ from titanlite.distributed import init_distributed, set_seed
 from titanlite.models.gpt.model import GPT, GPTArgs
 from titanlite.models.gpt.parallelize import parallelize_gpt
 from titanlite.parallelize import materialize
+from titanlite.models.gpt.spec import GPT_SPEC
 from titanlite.optim import build_optimizers
+from titanlite.spec import LRScales
 from titanlite.train_state import TrainState
 
 ARGS = GPTArgs(n_layer=3, n_embd=64, n_head=2, n_kv_head=2, head_dim=32, vocab_size=512, sequence_len=32,
                window_pattern="L", attention_backend="sdpa")
 GLOBAL_ROWS, STEPS, SAVE_AT = 4, 10, 5
 GLOBAL_TOKENS = GLOBAL_ROWS * ARGS.sequence_len
-PLAN = SimpleNamespace(batch_lr_scale=1.0, width_lr_scale=1.0, weight_decay_scaled=0.2, num_iterations=STEPS)
+PLAN = SimpleNamespace(num_iterations=STEPS, groups=GPT_SPEC.optimizer_groups(
+    OptimizerConfig(), LRScales(batch=1.0, width=1.0, muon_weight_decay=0.2)))
 SCHEDULE = LRSchedulerConfig(warmup_steps=1, warmdown_ratio=0.4, momentum_warmup_steps=4)
 
 

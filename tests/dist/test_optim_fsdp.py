@@ -19,7 +19,9 @@ from torch import nn
 
 from tests.helpers.dist import run_in_processes
 from titanlite.config.sections import LRSchedulerConfig, OptimizerConfig
+from titanlite.models import get_train_spec
 from titanlite.optim import build_optimizers
+from titanlite.spec import LRScales
 
 # DCP says so when it runs without a process group, which the single-process routes do on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -32,7 +34,9 @@ SCHEDULE = LRSchedulerConfig(warmup_steps=1, warmdown_ratio=0.4, final_lr_frac=0
 # flip a cautious-weight-decay mask element downstream (a jump of lr*wd*|p| ~ 1e-4). At these LRs the routes
 # agree to ~5e-7, far inside the 1e-5 tolerance, with Muon weight decay still on.
 OPTIMIZER = OptimizerConfig(embedding_lr=0.05, scalar_lr=0.1)
-PLAN = SimpleNamespace(batch_lr_scale=1.0, width_lr_scale=1.0, weight_decay_scaled=0.2, num_iterations=STEPS)
+# The GPT family's optimizer groups at batch and width LR scale 1 and Muon weight decay 0.2.
+PLAN = SimpleNamespace(num_iterations=STEPS, groups=get_train_spec("gpt").optimizer_groups(
+    OPTIMIZER, LRScales(batch=1.0, width=1.0, muon_weight_decay=0.2)))
 
 
 def _norm(x):

@@ -33,6 +33,16 @@ class CollectiveModel:
         self.compute_dtype = torch.float32
         self.forwards = 0
 
+    def parameters(self):
+        return iter([self.wte.weight])
+
+    def new_kv_cache(self, batch_size, max_len):
+        from titanlite.generate import KVCache
+
+        a = self.args
+        return KVCache(a.n_layer, batch_size, max_len, a.n_kv_head, a.head_dim, torch.device("cpu"),
+                       self.compute_dtype)
+
     def __call__(self, ids, kv_cache=None):
         import torch.distributed as dist
 

@@ -21,7 +21,7 @@ from titanlite.config import build_config, config_to_toml, load_config
 REPO = Path(__file__).resolve().parents[2]
 
 # The seed's option table: flag -> (config key, seed default). Written out by hand from
-# reference/seed_base_training.md so that a changed default fails here.
+# the seed (the user's description of the feature, its option table) so that a changed default fails here.
 SEED_DEFAULTS = {
     "--run": ("metrics.run", "dummy"),
     "--device-type": ("training.device_type", ""),

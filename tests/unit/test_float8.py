@@ -1,20 +1,22 @@
 """Float8 conversion (torchao, emulated on CPU): which modules swap, the filter, numerics, the eval swap-back."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn as nn
+from torchao.float8.float8_linear import Float8Linear  # torchao is a hard dependency of titanlite
 
-from titanlite.config.sections import ActivationCheckpointConfig, CompileConfig, Float8Config
+from titanlite.config.sections import (ActivationCheckpointConfig, CompileConfig, Float8Config, ModelConfig,
+                                       OptimizerConfig, TrainingConfig)
 from titanlite.distributed import WorldInfo
 from titanlite.errors import UserError
 from titanlite.float8 import apply_float8, bf16_eval, check_float8_hardware, float8_modules
 from titanlite.models.gpt.model import GPT, GPTArgs, Unembedding
 from titanlite.models.gpt.parallelize import parallelize_gpt
 from titanlite.parallelize import materialize
-
-pytest.importorskip("torchao.float8")
+from titanlite.scaling import derive_plan
 
 ARGS = GPTArgs(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, head_dim=32, vocab_size=512, sequence_len=32,
                window_pattern="L", attention_backend="sdpa")
@@ -64,9 +66,36 @@ def test_conversion_swaps_exactly_the_large_linears():
     assert apply_float8(GPT_on_meta(), Float8Config(enabled=False), "cpu") == []
 
 
+def textbook_flops_per_token(model: nn.Module, seq_len: int, pattern: str) -> int:
+    """FLOPs per token counted off the modules themselves (docs/recipe.md §2.2, written out here):
+    6 x (in x out of every Linear's weight, float8 or not: each is one matmul per token) plus, per layer,
+    12 x (heads x head_dim) x min(window, T) for QK^T and AV (2 matmuls x 2 FLOPs, x 3 for forward + backward).
+    Windows by the recipe's rule (§1.3): L = T, S = ceil(T / 4 / 128) x 128, the last layer always L."""
+    matmul_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    n_layer = len(model.blocks)
+    short = math.ceil(seq_len / 4 / 128) * 128
+    windows = [seq_len if pattern[i % len(pattern)] == "L" or i == n_layer - 1 else short for i in range(n_layer)]
+    attention = sum(12 * block.attn.c_q.out_features * min(w, seq_len) for block, w in zip(model.blocks, windows))
+    return 6 * matmul_weights + attention
+
+
 def test_flops_per_token_counts_converted_layers():
-    model, _ = float8_model()
-    assert model.flops_per_token() == plain_model().flops_per_token()
+    """The plan's FLOPs/token includes the layers float8 replaced: checked against the converted model's own
+    module shapes, not against titanlite's counting function."""
+    model = GPT_on_meta()
+    apply_float8(model, EMULATED, "cpu")
+    converted = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert len(converted) == 13 and all(isinstance(m, nn.Linear) for m in converted)
+    counted = textbook_flops_per_token(model, ARGS.sequence_len, ARGS.window_pattern)
+    # the same number by hand for ARGS (C 64, 2 layers, vocab 512, T 32, every layer full):
+    #   blocks 2 x 12 x 64^2 = 98,304; ve_gate (layer 1 only) 12 x 2 = 24; lm_head 512 x 64 = 32,768; smear 24
+    #   -> 6 x 131,120 = 786,720;  attention 2 layers x 12 x (2 x 32) x 32 = 49,152
+    assert counted == 6 * (98_304 + 24 + 32_768 + 24) + 2 * 12 * 64 * 32 == 835_872
+    # what titanlite plans for the same architecture: depth 2, width 2 x 32 = 64, head_dim 32, T 32, pattern L
+    plan = derive_plan(ModelConfig(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=32, window_pattern="L"),
+                       TrainingConfig(num_iterations=1, device_batch_size=1, total_batch_size=32),
+                       OptimizerConfig(), ARGS.vocab_size, 1)
+    assert plan.flops_per_token == counted
 
 
 def test_filter_excludes_by_name_and_by_dims():
@@ -78,7 +107,10 @@ def test_filter_excludes_by_name_and_by_dims():
             self.odd = nn.Linear(32, 24, bias=False)         # excluded: 24 is not a multiple of 16
             self.big = nn.Linear(32, 48, bias=False)         # converted
 
-    assert apply_float8(Toy(), EMULATED, "cpu") == ["big"]
+    by_name = dataclasses.replace(EMULATED, exclude_fqns=["ve_gate", "smear_gate"])
+    assert apply_float8(Toy(), by_name, "cpu") == ["big"]
+    assert sorted(apply_float8(Toy(), dataclasses.replace(EMULATED, exclude_fqns=[]), "cpu")) == \
+        ["big", "smear_gate", "ve_gate"]  # no names excluded: only the dims rule applies
     cfg = dataclasses.replace(EMULATED, exclude_fqns=["ve_gate", "smear_gate", "lm_head", "mlp"])
     converted = apply_float8(GPT_on_meta(), cfg, "cpu")
     assert sorted(converted) == [n for n in EXPECTED if "mlp" not in n and n != "lm_head"]
@@ -163,16 +195,16 @@ def test_real_float8_on_gpu():
 # ---- the fused softcap + CE head on a float8 lm_head ----------------------------------------------------------
 
 def count_fused_calls(monkeypatch) -> list:
-    import titanlite.models.gpt.model as model_module
+    import titanlite.models.gpt.ops as ops_module
 
     calls = []
-    real = model_module._FusedSoftcapCrossEntropy.apply
+    real = ops_module._FusedSoftcapCrossEntropy.apply
 
     def counting(*args):
         calls.append(args[1].shape)
         return real(*args)
 
-    monkeypatch.setattr(model_module._FusedSoftcapCrossEntropy, "apply", counting)
+    monkeypatch.setattr(ops_module._FusedSoftcapCrossEntropy, "apply", counting)
     return calls
 
 

@@ -31,9 +31,8 @@ DATASHEET_DENSE_BF16 = [
     ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
     # AMD Instinct MI300X: 1,307.4 TFLOPS dense BF16 (2,614.9 with sparsity)
     ("AMD Instinct MI300X", 1307.4e12),
-    # L40 (no S): 181.05 TFLOPS dense, 362.1 with sparsity. The table matches it on the "l4" row (121e12).
-    pytest.param("NVIDIA L40", 181.05e12, marks=pytest.mark.xfail(
-        strict=True, reason="titanlite.metrics matches 'NVIDIA L40' on the L4 row; drop this mark once fixed")),
+    # L40 (no S): 181.05 TFLOPS dense, 362.1 with sparsity (once matched on the L4 row, 121e12)
+    ("NVIDIA L40", 181.05e12),
 ]
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from titanlite.config.sections import LRSchedulerConfig, OptimizerConfig
+from titanlite.models.gpt.spec import GPT_SPEC
 from titanlite.optim import build_optimizers
+from titanlite.spec import LRScales
 
 
 def _param_groups():
@@ -18,14 +20,16 @@ def _param_groups():
     }
 
 
-def _plan(bls=1.0, dms=1.0, wd=0.2, n=10):
-    return SimpleNamespace(batch_lr_scale=bls, width_lr_scale=dms, weight_decay_scaled=wd, num_iterations=n)
+def _plan(cfg, bls=1.0, dms=1.0, wd=0.2, n=10):
+    """What derive_plan hands the builder: the GPT's groups at these LR scales, and the horizon."""
+    groups = GPT_SPEC.optimizer_groups(cfg, LRScales(batch=bls, width=dms, muon_weight_decay=wd))
+    return SimpleNamespace(groups=groups, num_iterations=n)
 
 
 def test_recipe_d24_effective_learning_rates_and_betas():
     # Recipe §2.6 worked example for d24 (B = 2^20: bls = sqrt 2, C = 1536: dms = 1/sqrt 2).
     cfg = OptimizerConfig(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5)
-    opt = build_optimizers(_param_groups(), cfg, _plan(bls=math.sqrt(2), dms=1 / math.sqrt(2), wd=0.059738))
+    opt = build_optimizers(_param_groups(), cfg, _plan(cfg, bls=math.sqrt(2), dms=1 / math.sqrt(2), wd=0.059738))
     adam = {g["name"]: g for g in opt.adamw.param_groups}
     expected = {"lm_head": (0.008, (0.8, 0.95), 0.01), "wte": (0.3, (0.8, 0.95), 0.001),
                 "value_embeds": (0.15, (0.8, 0.95), 0.01), "resid_lambdas": (0.0070711, (0.8, 0.95), 0.05),
@@ -41,14 +45,14 @@ def test_recipe_d24_effective_learning_rates_and_betas():
 
 def test_adam_betas_from_config_reach_only_embedding_groups():
     cfg = OptimizerConfig(adam_beta1=0.7, adam_beta2=0.99)
-    adam = {g["name"]: g for g in build_optimizers(_param_groups(), cfg, _plan()).adamw.param_groups}
+    adam = {g["name"]: g for g in build_optimizers(_param_groups(), cfg, _plan(cfg)).adamw.param_groups}
     assert adam["lm_head"]["betas"] == adam["wte"]["betas"] == adam["value_embeds"]["betas"] == (0.7, 0.99)
     assert adam["x0_lambdas"]["betas"] == (0.96, 0.95) and adam["smear"]["betas"] == (0.8, 0.95)
 
 
 def test_per_group_beta2_keys_reproduce_the_recipe():
     cfg = OptimizerConfig(adam_beta1=0.8, adam_beta2=0.95, unembedding_beta2=0.96, embedding_beta2=0.995)
-    adam = {g["name"]: g for g in build_optimizers(_param_groups(), cfg, _plan()).adamw.param_groups}
+    adam = {g["name"]: g for g in build_optimizers(_param_groups(), cfg, _plan(cfg)).adamw.param_groups}
     assert adam["lm_head"]["betas"] == (0.8, 0.96)
     assert adam["wte"]["betas"] == adam["value_embeds"]["betas"] == (0.8, 0.995)
 
@@ -56,7 +60,7 @@ def test_per_group_beta2_keys_reproduce_the_recipe():
 def test_step_applies_schedule_to_every_group():
     sched = LRSchedulerConfig(warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, momentum_warmup_steps=4)
     groups = _param_groups()
-    opt = build_optimizers(groups, OptimizerConfig(), _plan(wd=0.2, n=10), sched)
+    opt = build_optimizers(groups, OptimizerConfig(), _plan(OptimizerConfig(), wd=0.2, n=10), sched)
     for step in range(10):
         for params in groups.values():
             for p in params:
@@ -76,13 +80,13 @@ def test_step_applies_schedule_to_every_group():
 
 def test_container_state_dict_round_trip():
     groups = _param_groups()
-    opt = build_optimizers(groups, OptimizerConfig(), _plan())
+    opt = build_optimizers(groups, OptimizerConfig(), _plan(OptimizerConfig()))
     for p in (p for ps in groups.values() for p in ps):
         p.grad = torch.ones(p.shape)
     opt.step(0)
     state = opt.state_dict()
     assert set(state) == {"schedule", "adamw", "muon"}
-    fresh = build_optimizers(_param_groups(), OptimizerConfig(), _plan())
+    fresh = build_optimizers(_param_groups(), OptimizerConfig(), _plan(OptimizerConfig()))
     fresh.load_state_dict(state)
     assert torch.equal(fresh.adamw.state_dict()["wte.0"]["exp_avg"], state["adamw"]["wte.0"]["exp_avg"])
     assert torch.equal(fresh.muon.state_dict()["matrices_64x16.0"]["momentum_buffer"],
@@ -91,12 +95,13 @@ def test_container_state_dict_round_trip():
 
 def test_rejects_unknown_and_duplicated_groups():
     with pytest.raises(ValueError, match="unknown optimizer param groups"):
-        build_optimizers({"embeddings": [torch.nn.Parameter(torch.zeros(2))]}, OptimizerConfig(), _plan())
+        build_optimizers({"embeddings": [torch.nn.Parameter(torch.zeros(2))]}, OptimizerConfig(),
+                         _plan(OptimizerConfig()))
     p = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="more than one"):
-        build_optimizers({"wte": [p], "matrices": [p]}, OptimizerConfig(), _plan())
+        build_optimizers({"wte": [p], "matrices": [p]}, OptimizerConfig(), _plan(OptimizerConfig()))
 
 
 def test_muon_keeps_fp32_orthogonalisation_on_cpu_even_for_bf16_compute():
-    opt = build_optimizers(_param_groups(), OptimizerConfig(), _plan(), compute_dtype=torch.bfloat16)
+    opt = build_optimizers(_param_groups(), OptimizerConfig(), _plan(OptimizerConfig()), compute_dtype=torch.bfloat16)
     assert opt.muon.compute_dtype == torch.float32  # CPU bf16 bmm is far slower than fp32

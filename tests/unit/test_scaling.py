@@ -1,4 +1,4 @@
-"""The depth dial reproduces recipe §2.3–2.6 and refuses impossible plans with the numbers."""
+"""The depth dial reproduces docs/recipe.md §2.3–2.6 and refuses impossible plans with the numbers."""
 
 import math
 from dataclasses import replace
@@ -8,8 +8,8 @@ import torch
 
 from titanlite.config.sections import ModelConfig, OptimizerConfig, TrainingConfig
 from titanlite.errors import UserError
+from titanlite.models.gpt.model import GPT, GPTArgs
 from titanlite.scaling import derive_plan, format_plan
-from titanlite.models import get_train_spec
 
 MODEL = ModelConfig()  # aspect 64, head_dim 128, T 2048, SSSL
 TRAIN = TrainingConfig(target_param_data_ratio=12, device_batch_size=16)
@@ -37,7 +37,8 @@ def plan_for(depth=12, world_size=1, model=MODEL, training=TRAIN, optim=OPTIM, v
 def test_plan_reproduces_recipe_table(depth):
     width, heads, total, scaling, flops, log2_batch, iters, bls, wd = TABLE[depth]
     p = plan_for(depth)
-    assert (p.n_layer, p.n_embd, p.n_head, p.head_dim) == (depth, width, heads, 128)
+    a = p.model_args
+    assert (a.n_layer, a.n_embd, a.n_head, a.n_kv_head, a.head_dim) == (depth, width, heads, heads, 128)
     assert p.params["total"] == total and p.scaling_params == scaling
     assert float(f"{p.flops_per_token:.4e}") == flops
     assert p.auto_batch_size and p.total_batch_size == 2 ** log2_batch
@@ -53,7 +54,7 @@ def test_plan_reproduces_recipe_table(depth):
 def test_d24_effective_values():
     p = plan_for(24, optim=replace(OPTIM, unembedding_lr=0.008))
     assert p.weight_decay_scaled == pytest.approx(0.059738, abs=1e-6)
-    # d24: batch 2^20 -> batch scale sqrt(2); width 1536 -> width scale 1/sqrt(2) (recipe §2.6 arithmetic)
+    # d24: batch 2^20 -> batch scale sqrt(2); width 1536 -> width scale 1/sqrt(2) (docs/recipe.md §2.6 arithmetic)
     expected = {"lm_head": 0.008,                     # bls * dms = sqrt(2) / sqrt(2)
                 "wte": 0.3, "value_embeds": 0.15,      # value embeddings run at half the embedding LR
                 "resid_lambdas": 0.5 * math.sqrt(2) * 0.01, "x0_lambdas": 0.5 * math.sqrt(2),
@@ -62,15 +63,25 @@ def test_d24_effective_values():
     assert p.group_lrs == pytest.approx(expected, abs=1e-6)
 
 
+def _meta_model(p):
+    with torch.device("meta"):
+        return GPT(p.model_args)
+
+
 def test_window_sizes_and_full_layers_in_plan():
-    assert plan_for(26).full_layers == [3, 7, 11, 15, 19, 23, 25]
-    assert set(plan_for(12, model=replace(MODEL, max_seq_len=1024)).window_sizes) == {256, 1024}
-    assert plan_for(12, model=replace(MODEL, window_pattern="L")).full_layers == list(range(12))
+    # docs/recipe.md §1.3: d26 + SSSL has full layers 3, 7, ..., 23 and the forced last layer 25; S at T 1024 is 256
+    d26 = plan_for(26)
+    assert "short window 512, full layers 3, 7, 11, 15, 19, 23, 25" in "\n".join(d26.model_lines)
+    assert [i for i, b in enumerate(_meta_model(d26).blocks) if b.attn.window == 2048] == [3, 7, 11, 15, 19, 23, 25]
+    t1024 = plan_for(12, model=replace(MODEL, max_seq_len=1024))
+    assert {b.attn.window for b in _meta_model(t1024).blocks} == {256, 1024}
+    full = plan_for(12, model=replace(MODEL, window_pattern="L"))
+    assert "short window none, full layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11" in "\n".join(full.model_lines)
 
 
 def test_odd_width_rounds_up_to_head_dim():
     p = plan_for(25)
-    assert (p.n_embd, p.n_head) == (1664, 13)
+    assert (p.model_args.n_embd, p.model_args.n_head) == (1664, 13)  # docs/recipe.md §1.1: 1600 rounds up to 1664
 
 
 def test_horizon_precedence():
@@ -114,12 +125,66 @@ def test_format_plan_block():
         assert expected in text, expected
 
 
-def test_dry_run_d26_on_meta_matches_plan():
-    """The d26 plan and a meta model agree, and building it allocates no real storage."""
-    p = plan_for(26)
-    spec = get_train_spec("gpt")
-    model = spec.build_meta_model(p.model_args)
+# Published by group (docs/recipe.md §2.3, "d24 by group" / "d12 by group"); d26's groups are not published.
+PUBLISHED_GROUPS = {
+    12: {"wte": 25_165_824, "value_embeds": 150_994_944, "lm_head": 25_165_824,
+         "transformer_matrices": 84_935_088, "scalars": 50},
+    24: {"wte": 50_331_648, "value_embeds": 603_979_776, "lm_head": 50_331_648,
+         "transformer_matrices": 679_478_976, "scalars": 74},
+}
+
+
+def params_from_module_shapes(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts by docs/recipe.md §2.1 group, read off the built model's parameter shapes."""
+    groups = dict.fromkeys(("wte", "value_embeds", "lm_head", "transformer_matrices", "scalars"), 0)
+    for name, param in model.named_parameters():
+        if name == "wte.weight":
+            group = "wte"
+        elif name.startswith("value_embeds."):
+            group = "value_embeds"
+        elif name == "lm_head.weight":
+            group = "lm_head"
+        elif name.startswith("blocks."):
+            group = "transformer_matrices"
+        else:  # resid/x0 lambdas, smear gate weights, smear and backout lambdas
+            group = "scalars"
+        groups[group] += math.prod(param.shape)
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+def flops_from_module_shapes(model: torch.nn.Module, seq_len: int, pattern: str) -> int:
+    """Recipe §2.2 written out: 6 x the in x out of every Linear (block matrices, VE gates, lm_head, smear gate)
+    + 12 x (heads x head_dim) x min(window, T) per layer, windows by §1.3 (S = ceil(T/4/128) x 128, last L)."""
+    matmul_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_layer = len(model.blocks)
+    short = math.ceil(seq_len / 4 / 128) * 128
+    windows = [seq_len if pattern[i % len(pattern)] == "L" or i == n_layer - 1 else short for i in range(n_layer)]
+    attention = sum(12 * b.attn.c_q.out_features * min(w, seq_len) for b, w in zip(model.blocks, windows))
+    return 6 * matmul_weights + attention
+
+
+@pytest.mark.parametrize("depth", [12, 24, 26])
+def test_dry_run_d26_on_meta_matches_plan(depth):
+    """The plan's counts against (a) the published table and (b) a meta model of the recipe's architecture built
+    here from the sizing rule (§1.1: width ceil(64 d / 128) x 128, heads width / 128, vocab 32768, T 2048),
+    counted off its module shapes. Building it allocates no real storage."""
+    width, heads, total, scaling, flops = TABLE[depth][:5]
+    assert width == -(-depth * 64 // 128) * 128 and heads == width // 128
+    p = plan_for(depth)
+    with torch.device("meta"):
+        model = GPT(GPTArgs(n_layer=depth, n_embd=width, n_head=heads, n_kv_head=heads, head_dim=128,
+                            vocab_size=32768, sequence_len=2048, window_pattern="SSSL"))
     assert all(t.is_meta for t in model.parameters())
-    assert model.num_params() == p.params and model.scaling_params() == p.scaling_params
-    assert model.flops_per_token() == p.flops_per_token
-    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 26
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == depth
+    counted = params_from_module_shapes(model)
+    # (a) published
+    assert p.params["total"] == total and p.scaling_params == scaling
+    assert float(f"{p.flops_per_token:.4e}") == flops
+    if depth in PUBLISHED_GROUPS:
+        assert {k: v for k, v in p.params.items() if k != "total"} == PUBLISHED_GROUPS[depth]
+    # (b) the module shapes: every group, scaling params = transformer matrices + lm_head (§2.1), FLOPs exact
+    assert p.params == counted
+    assert p.scaling_params == counted["transformer_matrices"] + counted["lm_head"]
+    assert p.flops_per_token == flops_from_module_shapes(model, 2048, "SSSL")
+    assert model.num_params() == counted  # the model's own bookkeeping agrees with its shapes

@@ -83,7 +83,7 @@ def test_tiny_run_end_to_end_metrics_tensorboard_summary(tmp_path, captured):
     assert [e.step for e in acc.Scalars("val/bpb")] == [0, 3, 6]
     assert "samples" in "".join(acc.Tags()["tensors"])
     flops = acc.Scalars("total_training_flops")[-1]
-    assert flops.value == pytest.approx(6 * 256 * train_plan_flops(config), rel=1e-6)
+    assert flops.value == pytest.approx(6 * 256 * TINY_FLOPS_PER_TOKEN, rel=1e-6)  # 6 steps of 256 tokens
 
     summary = json.loads((run_dir / "summary.json").read_text())
     bpbs = [e.value for e in acc.Scalars("val/bpb")]
@@ -95,10 +95,11 @@ def test_tiny_run_end_to_end_metrics_tensorboard_summary(tmp_path, captured):
     assert load_config(["--job.config_file", str(run_dir / "config.toml")]).model == config.model
 
 
-def train_plan_flops(config):
-    from titanlite.scaling import derive_plan
-
-    return derive_plan(config.model, config.training, config.optimizer, 512, 1).flops_per_token
+# TINY's FLOPs per token by hand (docs/recipe.md §2.2): width 2 x 32 = 64 (2 heads of 32), 2 layers, vocab 512, T 64.
+#   matmul weights: blocks 2 x 12 x 64^2 = 98,304; ve_gate on layer 1 only 12 x 2 = 24; lm_head 512 x 64 = 32,768;
+#   smear gate 24 -> 6 x 131,120 = 786,720. Attention: S = ceil(64 / 4 / 128) x 128 = 128, so both layers see
+#   min(window, 64) = 64 keys: 2 x 12 x 64 x 64 = 98,304.
+TINY_FLOPS_PER_TOKEN = 6 * (2 * 12 * 64**2 + 12 * 2 + 512 * 64 + 24) + 2 * 12 * 64 * 64  # = 885,024
 
 
 def test_plot_run_writes_png(tmp_path):
@@ -191,7 +192,21 @@ def test_dry_run_prints_plan_for_d26_without_weights(captured):
     config = load_config(["--job.config_file", "gpt2_d26.toml", "--job.dry_run=true"])
     assert train.run_training(config) == 0
     text = "\n".join(captured)
-    assert "Plan for depth 26:" in text and "1,681,786,938" in text and "5.9911e+09" in text
+    # docs/recipe.md §2.3, d26 row: total params 1,681,786,938, scaling params 918,423,532, FLOPs/token 5.9911e9,
+    # auto batch 2^20; §1.1: width 1664, 13 heads
+    assert "Plan for depth 26:" in captured
+    assert "width 1,664" in text and "heads 13 x 128" in text
+    assert "total 1,681,786,938" in text and "scaling params    : 918,423,532" in text
+    assert "  FLOPs per token   : 5.9911e+09" in captured
+    # gpt2_d26.toml: ratio 8.25, device batch 16, one process: 2^20 = 16 x 2,048 x 1 x 32 micro-steps;
+    # steps int(8.25 x 918,423,532) // 2^20 = 7,576,994,139 // 1,048,576 = 7,225
+    assert "  tokens per step   : 1,048,576 (auto, 2^20) = 16 seqs x 2,048 tokens x 1 ranks x 32 micro-steps" \
+        in captured
+    assert 8.25 * 918_423_532 // 2**20 == 7225
+    assert "  iterations        : 7,225 (from training.target_param_data_ratio)" in captured
+    assert f"  total tokens      : {7225 * 2**20:,}" in captured
+    # batch LR scale sqrt(2^20 / 2^19); width scale (1664 / 768)^-0.5 = 0.6794
+    assert f"  LR scales         : batch {2 ** 0.5:.4f} | width {(1664 / 768) ** -0.5:.4f}" in captured
 
 
 def test_core_during_training_and_base_eval_on_the_checkpoint(tmp_path, captured):

@@ -35,11 +35,11 @@ class ModelConfig:
     aspect_ratio: int = opt(64, "model_dim = depth * aspect_ratio (rounded up to head_dim)", seed="--aspect-ratio")
     head_dim: int = opt(128, "attention head dimension", seed="--head-dim")
     max_seq_len: int = opt(2048, "context length T", seed="--max-seq-len")
-    window_pattern: str = opt("SSSL", "sliding-window pattern tiled over layers (L=full, S=quarter context)",
+    window_pattern: str = opt("SSSL", "gpt: sliding-window pattern tiled over layers (L=full, S=quarter context)",
                               seed="--window-pattern")
     attention_backend: str = opt("auto", "attention kernel",
                                  choices=("auto", "fa3", "fa4", "flash_attn", "flex", "sdpa"))
-    softcap: float = opt(15.0, "logit softcap c in c*tanh(logits/c)")
+    softcap: float = opt(15.0, "gpt: logit softcap c in c*tanh(logits/c)")
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ class Float8Config:
     enabled: bool = opt(False, "float8 training of large linears via torchao (SM89+)", seed="--fp8")
     recipe: str = opt("tensorwise", "float8 scaling recipe", choices=("tensorwise", "rowwise"), seed="--fp8-recipe")
     emulate: bool = opt(False, "emulate float8 on hardware without it (tests only)")
-    exclude_fqns: list[str] = opt(["ve_gate", "smear_gate"], "module names never converted to float8")
+    exclude_fqns: list[str] = opt([], "module name parts never converted to float8 (Linears whose dims are not "
+                                      "multiples of 16, such as small gates, never are)")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Not counted: the CUDA context and allocator fragmentation (budget a few GiB on a
 from __future__ import annotations
 
 from titanlite.attention import uses_banded_sdpa
-from titanlite.models.gpt.model import has_value_embedding, window_sizes
+from titanlite.models.gpt.model import VE_GATE_CHANNELS, has_value_embedding, window_sizes
 from titanlite.models.gpt.ops import HEAD_CHUNK_ELEMENTS
 from titanlite.spec import MemoryEstimate, checkpointed_blocks
 
@@ -119,8 +119,12 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     # NorMuon keeps one value per row (tall/square) or per column (wide) of each block matrix
     a = plan.model_args
     C, q_dim, kv_dim = a.n_embd, a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-    per_layer_rows = q_dim + 2 * kv_dim + C + 4 * C + C   # c_q/c_k/c_v: (out, C) rows; proj (C, q); fc (4C); proj
-    second_moment = a.n_layer * per_layer_rows
+    # one value per row of a tall/square matrix, per column of a wide one: max(rows, cols) per matrix
+    shapes = [(q_dim, C), (kv_dim, C), (kv_dim, C), (C, q_dim), (4 * C, C), (C, 4 * C)]
+    per_layer = sum(max(shape) for shape in shapes)
+    n_ve = sum(has_value_embedding(i, a.n_layer) for i in range(a.n_layer))
+    ve_gates = n_ve * max(a.n_kv_head, VE_GATE_CHANNELS)  # ve_gate: (n_kv_head, 12)
+    second_moment = a.n_layer * per_layer + ve_gates
     optimizer = FP32 * (2 * adamw_params + matrices + second_moment)
     shard = max(1, shard_degree)
     blocks = max(1, a.n_layer)
