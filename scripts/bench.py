@@ -35,6 +35,7 @@ SMOKE_OVERRIDES = [
     "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
     "--training.device_batch_size=4", "--training.total_batch_size=256", "--data.vocab_size=512",
     "--compile.enabled=false", "--data.tokenizer_max_chars=400000",
+    "--metrics.peak_flops=1e11",  # the trainer's own device line: the bench divides by what it measures itself
 ]
 # Self time of these ops is "matmul" in the profile split; attention kernels are counted apart.
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::addbmm")
@@ -129,8 +130,9 @@ class _TimedOptimizers:
         return getattr(self.optimizers, name)
 
 
-def _measure_peaks(device, compute_dtype) -> dict:
-    """Matmul peak of this process (its thread count) on CPU; the table's BF16 peak on GPU."""
+def _measure_peaks(device, compute_dtype, size: int) -> dict:
+    """Matmul peak of this process (its thread count) on CPU, from size x size matmuls; the table's BF16 peak
+    on GPU."""
     import torch
 
     from titanlite.cpu_peak import measure_matmul_peak
@@ -139,9 +141,9 @@ def _measure_peaks(device, compute_dtype) -> dict:
 
     if device.type == "cuda":
         return {"table_bf16": peak_flops_for_gpu(torch.cuda.get_device_name(device))}
-    peaks = {"fp32": measure_matmul_peak(torch.float32)}
+    peaks = {"fp32": measure_matmul_peak(torch.float32, size)}
     if cpu_has_native_bf16():  # emulated bf16 matmuls run at ~0.2 GFLOP/s: measuring them would take minutes
-        peaks["bf16"] = measure_matmul_peak(torch.bfloat16)
+        peaks["bf16"] = measure_matmul_peak(torch.bfloat16, size)
     return peaks
 
 
@@ -167,7 +169,7 @@ def _profile_step(trainer, step: int, sync) -> dict:
 
 
 def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, results, threads: int,
-            code_root: str = "") -> None:
+            code_root: str = "", peak_size: int = 2048) -> None:
     import gc
 
     if code_root:  # nothing of titanlite is imported yet in this fresh process
@@ -200,7 +202,7 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
         trainer.optimizers = _TimedOptimizers(trainer.optimizers, clock, sync)
         if world > 1:
             dist.barrier()  # measure the peak with every rank busy, as in training
-        peaks = _measure_peaks(trainer.device, trainer.compute_dtype)
+        peaks = _measure_peaks(trainer.device, trainer.compute_dtype, peak_size)
         info = {"compute_dtype": str(trainer.compute_dtype).replace("torch.", ""),
                 "attention_backend": getattr(trainer.model, "attention_backend", "n/a"),
                 "threads": torch.get_num_threads(), "device": trainer.device_info.line,
@@ -239,7 +241,7 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
             if world > 1:
                 dist.barrier()
             results.put((rank, "steps", {"records": records, "peak_memory_mib": peak_memory_mib(trainer.device),
-                                         "peaks": _measure_peaks(trainer.device, trainer.compute_dtype)}))
+                                         "peaks": _measure_peaks(trainer.device, trainer.compute_dtype, peak_size)}))
         trainer.close()
     except BaseException:  # noqa: BLE001 - the parent reports it
         results.put((rank, "error", traceback.format_exc()))
@@ -264,13 +266,15 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
 class VariantGroup:
     """The live processes of one variant, driven by commands; every rank answers each command."""
 
-    def __init__(self, ctx, variant: Variant, argv: list[str], tmp: str, timeout: float, threads: int):
+    def __init__(self, ctx, variant: Variant, argv: list[str], tmp: str, timeout: float, threads: int,
+                 peak_size: int):
         self.variant, self.timeout = variant, timeout
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(variant.processes)]
         store = os.path.join(tmp, f"store-{id(self)}")
         self.procs = [ctx.Process(target=_worker, args=(r, variant.processes, argv, store, self.commands[r],
-                                                        self.results, threads, variant.code_root), daemon=True)
+                                                        self.results, threads, variant.code_root, peak_size),
+                                 daemon=True)
                       for r in range(variant.processes)]
         for p in self.procs:
             p.start()
@@ -479,6 +483,8 @@ def run(argv: list[str]) -> dict:
     if args.smoke:
         overrides = SMOKE_OVERRIDES + overrides
         args.steps, args.rounds, args.warmup = 2, 1, 1
+    # smoke (CI): the MFU denominator from 512x512 matmuls, a tenth of the time; its figures are not for comparing
+    peak_size = 512 if args.smoke else 2048
     with tempfile.TemporaryDirectory(prefix="titanlite-bench-") as tmp:
         base = overrides + [f"--job.dump_folder={tmp}", "--checkpoint.enabled=false", "--metrics.tensorboard=false",
                             "--metrics.run=dummy", "--eval.eval_every=-1", "--eval.core_metric_every=-1",
@@ -497,7 +503,7 @@ def run(argv: list[str]) -> dict:
                 own_folder = [f"--job.dump_folder={os.path.join(tmp, f'variant-{i}')}"]
                 groups.append(VariantGroup(ctx, v, _adjust_for_processes(base + v.overrides + own_folder,
                                                                          v.processes), tmp,
-                                           args.timeout, args.threads))
+                                           args.timeout, args.threads, peak_size))
             infos = [g.ready() for g in groups]
             answers = [[g.send("run", args.warmup)] if args.warmup else [] for g in groups]
             for _ in range(args.rounds):

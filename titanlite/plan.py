@@ -38,7 +38,8 @@ def format_memory(est: MemoryEstimate, plan, gpu_memory_gib: float | None) -> st
     dtype = "bf16" if est.compute_bytes == 2 else "fp32"
     fsdp = f"FSDP over {est.shard_degree} ranks" if est.shard_degree > 1 else "one device, no FSDP"
     lines = [
-        f"Memory per GPU (estimate; {fsdp}, {dtype} compute, {'compiled' if est.compiled else 'eager'}, device batch {plan.device_batch_size} x "
+        f"Memory per GPU (estimate; {fsdp}, {dtype} compute, {'compiled' if est.compiled else 'eager'}, "
+        f"device batch {plan.device_batch_size} x "
         f"{plan.seq_len:,} tokens):",
         f"  parameters (fp32 master) : {_gib(est.parameters)}",
         f"  gradients (fp32)         : {_gib(est.gradients)}",

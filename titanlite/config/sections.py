@@ -1,7 +1,8 @@
 """One dataclass per TOML section. Every field has a default and a one-line doc (shown by `--help`).
 
-Defaults are the seed's (the user's description of the feature: its option table); the recipe's best values live in the shipped
-train_configs/. The seed flag each field answers to is noted in `seed=` (see scripts/base_train.py).
+Defaults are the seed's (the user's description of the feature: its option table); the recipe's best values
+live in the shipped train_configs/. The seed flag each field answers to is noted in `seed=` (see
+scripts/base_train.py).
 """
 
 from dataclasses import dataclass, field

@@ -39,7 +39,8 @@ class RemoteDataset:
     last_index: int  # the validation shard; training shards are 0..last_index-1
 
     def url(self, index: int, base_url: str | None = None) -> str:
-        base = base_url or f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/datasets/{self.repo}/resolve/main"
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        base = base_url or f"{endpoint}/datasets/{self.repo}/resolve/main"
         return f"{base.rstrip('/')}/{shard_name(index)}"
 
 

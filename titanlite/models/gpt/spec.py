@@ -52,8 +52,8 @@ def describe(args: GPTArgs) -> list[str]:
         f"model             : depth {args.n_layer} | width {args.n_embd:,} | heads {args.n_head} x "
         f"{args.head_dim} (kv heads {args.n_kv_head}) | seq_len {args.sequence_len:,} | vocab {args.vocab_size:,} "
         f"(padded {args.padded_vocab:,})",
-        f"attention windows : pattern {args.window_pattern}, short window {', '.join(f'{w:,}' for w in short) or 'none'}, "
-        f"full layers {', '.join(map(str, full))}",
+        f"attention windows : pattern {args.window_pattern}, short window "
+        f"{', '.join(f'{w:,}' for w in short) or 'none'}, full layers {', '.join(map(str, full))}",
     ]
 
 
