@@ -102,6 +102,13 @@ def test_rejects_unknown_and_duplicated_groups():
         build_optimizers({"wte": [p], "matrices": [p]}, OptimizerConfig(), _plan(OptimizerConfig()))
 
 
-def test_muon_keeps_fp32_orthogonalisation_on_cpu_even_for_bf16_compute():
+@pytest.mark.parametrize("native_bf16, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_muon_orthogonalises_in_bf16_on_cpu_only_where_bf16_is_native(monkeypatch, native_bf16, expected):
+    """Without avx512_bf16/AMX, bf16 batched matmuls are emulated (far slower than fp32): fp32 there."""
+    import titanlite.optim.builder as builder
+
+    monkeypatch.setattr(builder, "cpu_has_native_bf16", lambda: native_bf16)
     opt = build_optimizers(_param_groups(), OptimizerConfig(), _plan(OptimizerConfig()), compute_dtype=torch.bfloat16)
-    assert opt.muon.compute_dtype == torch.float32  # CPU bf16 bmm is far slower than fp32
+    assert opt.muon.compute_dtype == expected
+    fp32 = build_optimizers(_param_groups(), OptimizerConfig(), _plan(OptimizerConfig()), compute_dtype=torch.float32)
+    assert fp32.muon.compute_dtype == torch.float32
