@@ -8,6 +8,7 @@ tests/unit/test_cpu_peak.py, and any test marked `real_cpu_peak`, get the real f
 Subprocesses (the gloo workers, scripts run with subprocess) are not patched: they measure for real.
 """
 
+import logging
 import os
 
 import pytest
@@ -56,3 +57,24 @@ def _real_cpu_peak_where_asked(request, _fixed_cpu_matmul_peak, monkeypatch):
 
         monkeypatch.setattr(cpu_peak, "measure_matmul_peak", _fixed_cpu_matmul_peak)
         monkeypatch.setattr(cpu_peak, "cache_dir", paths.cache_dir, raising=False)
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.extend(record.getMessage().splitlines())
+
+
+@pytest.fixture
+def captured():
+    """The lines titanlite's logger printed during the test (INFO and up), one list item per line."""
+    from titanlite.logging_utils import logger
+
+    handler = _Capture()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)

@@ -1,6 +1,5 @@
 """Bad documents and tiny corpora: one printed line each, never a traceback or a silently repeated corpus."""
 
-import logging
 import re
 from pathlib import Path
 
@@ -34,25 +33,6 @@ def _isolated_cache(tmp_path_factory):
     yield
     mp.undo()
 
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.extend(record.getMessage().splitlines())
-
-
-@pytest.fixture
-def captured():
-    from titanlite.logging_utils import logger
-
-    handler = _Capture()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 def _words(i: int) -> str:

@@ -220,5 +220,5 @@ def test_tensorboard_folder_turning_read_only_is_one_line(home, tmp_path, capsys
     code, out, err = _cli(capsys, tmp_path, "--metrics.tensorboard=true", "--training.num_iterations=2")
     assert code == 2
     line = _one_error_line(out, err)
-    assert line.startswith(f"error: cannot write ") and str(tmp_path / "d2" / "tb") in line
+    assert line.startswith("error: cannot write ") and str(tmp_path / "d2" / "tb") in line
     assert "read-only file system" in line

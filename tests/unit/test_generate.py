@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titanlite.generate import KVCache, generate
+from titanlite.generate import generate
 from titanlite.models.gpt.model import GPT, GPTArgs
 
 

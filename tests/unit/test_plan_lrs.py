@@ -3,12 +3,10 @@
 import re
 from dataclasses import replace
 
-import torch
-
 from titanlite.config.sections import ModelConfig, OptimizerConfig, TrainingConfig
+from titanlite.models import get_train_spec
 from titanlite.optim import build_optimizers
 from titanlite.scaling import derive_plan, format_plan
-from titanlite.models import get_train_spec
 
 
 def test_printed_group_lrs_equal_optimizer_param_group_lrs():

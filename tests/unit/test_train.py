@@ -1,8 +1,6 @@
 """The trainer end to end on a tiny model and the embedded corpus (fp32, a few steps, one process)."""
 
 import json
-import logging
-import math
 
 import pytest
 import torch
@@ -29,25 +27,6 @@ def _isolated_cache(tmp_path_factory):
     yield
     mp.undo()
 
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.extend(record.getMessage().splitlines())
-
-
-@pytest.fixture
-def captured():
-    from titanlite.logging_utils import logger
-
-    handler = _Capture()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 def _config(tmp_path, *extra):
