@@ -21,17 +21,18 @@ _UNSET = object()
 
 
 def assemble_model(spec: TrainSpec, args, config, world: WorldInfo, compute_dtype: torch.dtype, *,
-                   param_dtype=_UNSET, for_training: bool = True, init: bool = True) -> nn.Module:
+                   param_dtype=_UNSET, for_training: bool = True, init: bool = True,
+                   announce_kernel: bool = True) -> nn.Module:
     """The model of `args`, parallelized as `config` asks, its weights initialised on `world.device`.
 
     for_training=False (evaluation of a checkpoint): no compile, no float8, since neither helps a few forwards.
     param_dtype: FSDP's cast of the sharded weights (default: the compute dtype; None gathers the fp32 masters,
     for an evaluation whose dtype differs from the training one). init=False allocates without drawing weights
-    (a checkpoint is loaded over them).
+    (a checkpoint is loaded over them). announce_kernel=False: no attention-kernel lines (export runs no forward).
     """
     backend, lines = select_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
                                               spec.window_pattern(args))
-    for line in lines:
+    for line in lines if announce_kernel else ():
         logger.info(line)
     model = spec.build_meta_model(args)
     model.set_compute_dtype(compute_dtype)

@@ -79,6 +79,11 @@ def resolve_degrees(world_size: int, dp_shard: int, dp_replicate: int) -> tuple[
     return dp_replicate, dp_shard
 
 
+def single_process_world(device: torch.device) -> WorldInfo:
+    """One process, no process group, no mesh (export, tools, tests)."""
+    return WorldInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None, dp_shard=1, dp_replicate=1)
+
+
 def build_mesh(device_type: str, world_size: int, dp_shard: int, dp_replicate: int) -> DeviceMesh:
     # The mesh must live on the training device type: a gloo mesh built as "cuda" on a GPU box moved FSDP
     # params to CUDA and crashed (docs/cpu_notes.md §2).

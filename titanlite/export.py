@@ -17,7 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from titanlite.assemble import assemble_model
 from titanlite.checkpoint import META_FILE, WeightsOnlyLoadPlanner, describe_failure, quiet_single_process, read_meta
+from titanlite.config import build_config, config_from_toml_text
+from titanlite.distributed import single_process_world
 from titanlite.errors import UserError
 from titanlite.models import registered_specs
 from titanlite.spec import TrainSpec
@@ -48,8 +51,12 @@ def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> 
     if not meta.get("model_args"):
         raise UserError(f"{step_dir}/{META_FILE} has no model_args: this checkpoint cannot be exported")
     spec = spec_for_args(meta.get("model_args_class"), meta["model_args"])
-    model = spec.build_meta_model(spec.args_from_dict(meta["model_args"], attention_backend="sdpa"))
-    model.to_empty(device="cpu")
+    # the trainer's assembly path, in one plain CPU process: no FSDP, no compile, no float8, no weights drawn
+    config = config_from_toml_text(meta["config_toml"]) if meta.get("config_toml") else build_config(None, [])
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_backend="sdpa"))
+    model = assemble_model(spec, spec.args_from_dict(meta["model_args"], attention_backend="sdpa"), config,
+                           single_process_world(torch.device("cpu")), torch.float32, for_training=False, init=False,
+                           announce_kernel=False)
     weights = get_model_state_dict(model)
     try:
         with quiet_single_process():
