@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
-from titanlite.models.gpt.ops import apply_rotary, relu_squared, softcapped_cross_entropy
+from titanlite.models.gpt.ops import apply_rotary, fill_rope_tables, relu_squared, softcapped_cross_entropy
 
 ROPE_BASE = 100_000
 QK_SCALE = 1.2          # q and k are multiplied by this after QK-norm (logits x 1.44)
@@ -250,13 +250,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        device = self.rope_cos.device
-        hd = self.args.head_dim
-        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
-        t = torch.arange(self.rope_cos.size(1), dtype=torch.float32, device=device)
-        angles = torch.outer(t, inv_freq)[None, :, None, :]
-        self.rope_cos.copy_(angles.cos())
-        self.rope_sin.copy_(angles.sin())
+        fill_rope_tables(self.rope_cos, self.rope_sin, ROPE_BASE)
 
     @torch.no_grad()
     def init_weights(self) -> None:

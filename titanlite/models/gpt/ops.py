@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import torch
 
+@torch.no_grad()
+def fill_rope_tables(cos: torch.Tensor, sin: torch.Tensor, base: float) -> None:
+    """Fill (1, positions, 1, head_dim / 2) RoPE tables in place: angle = position x base^(-2i / head_dim)."""
+    device, hd = cos.device, 2 * cos.size(-1)
+    inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+    t = torch.arange(cos.size(1), dtype=torch.float32, device=device)
+    angles = torch.outer(t, inv_freq)[None, :, None, :]
+    cos.copy_(angles.cos())
+    sin.copy_(angles.sin())
+
+
 def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves."""
     d = x.size(-1) // 2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.generate import KVCache
-from titanlite.models.gpt.ops import apply_rotary
+from titanlite.models.gpt.ops import apply_rotary, fill_rope_tables
 
 VOCAB_MULTIPLE = 64
 # RoPE tables cover 10x the training context, as GPT's do: generation may run past T, and CORE scores few-shot
@@ -195,13 +195,7 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        device = self.rope_cos.device
-        hd = self.args.head_dim
-        inv_freq = 1.0 / self.args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
-        t = torch.arange(self.rope_cos.size(1), dtype=torch.float32, device=device)
-        angles = torch.outer(t, inv_freq)[None, :, None, :]
-        self.rope_cos.copy_(angles.cos())
-        self.rope_sin.copy_(angles.sin())
+        fill_rope_tables(self.rope_cos, self.rope_sin, self.args.rope_theta)
 
     @torch.no_grad()
     def init_weights(self) -> None:
