@@ -115,6 +115,13 @@ def agree_on_error(message: Any) -> Any:
     return next((m for m in gathered if m is not None), None)
 
 
+def raise_agreed(error: str | None) -> None:
+    """Raise the first rank's error as one UserError line on every rank (a barrier when there is none)."""
+    error = agree_on_error(error)
+    if error is not None:
+        raise UserError(error)
+
+
 def remove_interrupted_saves(folder: Path) -> None:
     """Clear what saves that never completed left behind; only for the run that owns the folder (another process
     may be mid-save). A `.step-*.tmp` is never a complete checkpoint, and after a disk-full failure it is what
@@ -264,7 +271,7 @@ class CheckpointManager:
             except OSError as exc:
                 error = self._failure_line(step, failed_path(exc, self.folder), write_failure_cause(exc, tmp)
                                            or describe_failure(exc), removed=None)
-        self._raise_agreed(error)  # doubles as the barrier: nobody writes before the stale folders are gone
+        raise_agreed(error)  # doubles as the barrier: nobody writes before the stale folders are gone
         meta = self._meta(step, states)
         dcp_states = _as_dcp_states(states)
         try:
@@ -347,11 +354,6 @@ class CheckpointManager:
         return (f"could not save checkpoint step {step}: {where}: {cause}; {partial}{kept}. {fix[0].upper()}"
                 f"{fix[1:]}, then resume with --checkpoint.resume_from_step=latest")
 
-    def _raise_agreed(self, error: str | None) -> None:
-        error = agree_on_error(error)
-        if error is not None:
-            raise UserError(error)
-
     def _finalize(self, step: int, meta: dict) -> None:
         # Everyone has written their files once all ranks pass this barrier; only then is the rename safe.
         self._barrier()
@@ -375,7 +377,7 @@ class CheckpointManager:
                 error = self._abandon(step, exc)
             else:
                 self._apply_retention(keep=step)
-        self._raise_agreed(error)  # also: nobody looks for the checkpoint before it exists under its final name
+        raise_agreed(error)  # also: nobody looks for the checkpoint before it exists under its final name
         logger.info(f"step {step:05d} | checkpoint saved to {self.step_dir(step)}")
 
     def _apply_retention(self, keep: int) -> None:

@@ -95,12 +95,18 @@ class TrainSpec:
         with torch.device("meta"):
             return self.model_cls(args)
 
-    def args_to_dict(self, args) -> dict:
-        return dataclasses.asdict(args)
-
     def args_from_dict(self, values: dict, **changes):
         known = {f.name for f in dataclasses.fields(self.model_args_cls)}
         return self.model_args_cls(**{k: v for k, v in {**values, **changes}.items() if k in known})
+
+
+def adam_betas(optimizer_cfg) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(unembedding, embedding) AdamW betas: the seed's adam_beta1/adam_beta2, unless the per-group beta2 keys
+    (unembedding_beta2 / embedding_beta2, -1 = unset) give the later recipe's values."""
+    cfg = optimizer_cfg
+    unembedding_beta2 = cfg.adam_beta2 if cfg.unembedding_beta2 < 0 else cfg.unembedding_beta2
+    embedding_beta2 = cfg.adam_beta2 if cfg.embedding_beta2 < 0 else cfg.embedding_beta2
+    return (cfg.adam_beta1, unembedding_beta2), (cfg.adam_beta1, embedding_beta2)
 
 
 def width_and_heads(depth: int, aspect_ratio: int, head_dim: int) -> tuple[int, int]:

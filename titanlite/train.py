@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from titanlite.assemble import assemble_model
-from titanlite.checkpoint import CheckpointManager, agree_on_error, remove_interrupted_saves
+from titanlite.checkpoint import CheckpointManager, raise_agreed, remove_interrupted_saves
 from titanlite.cli import Stop, run_cli
 from titanlite.config import config_to_toml, help_text, load_config
 from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
@@ -142,9 +142,7 @@ class Trainer:
                     remove_interrupted_saves(self.run_dir)
             except UserError as exc:
                 error = str(exc)
-        error = agree_on_error(error)
-        if error is not None:
-            raise UserError(error)
+        raise_agreed(error)
 
     # ---- construction -----------------------------------------------------------------------------------
     def _build_model(self) -> None:

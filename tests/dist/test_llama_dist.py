@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.helpers.dist import run_in_processes
+from tests.helpers.runs import prepared_home
 
 BASE = [
     "--model.name=llama", "--model.depth=2", "--model.aspect_ratio=64", "--model.head_dim=32",
@@ -35,17 +36,8 @@ def _run_worker(rank, world_size, dump_folder, extra):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("home")))
-    from titanlite.config import load_config
-    from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-
-    config = load_config(BASE)
-    prepare_corpus(config.data)
-    prepare_tokenizer(config.data)
     torch.set_num_threads(1)
-    yield
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, BASE)
 
 
 def test_two_ranks_follow_one_process_and_resume_in_one(home, tmp_path):

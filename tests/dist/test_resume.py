@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers.dist import run_in_processes
+from tests.helpers.runs import prepared_home, train_losses
 
 BASE = [
     "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
@@ -19,15 +20,7 @@ BASE = [
 
 
 def _run(dump_folder, *extra):
-    from titanlite import train
-    from titanlite.config import load_config
-
-    trainer = train.Trainer(load_config(BASE + [f"--job.dump_folder={dump_folder}", *extra]))
-    try:
-        trainer.train()
-        return dict(trainer.loss_history)
-    finally:
-        trainer.close()
+    return train_losses(BASE + [f"--job.dump_folder={dump_folder}", *extra])
 
 
 def _run_worker(rank, world_size, dump_folder, extra):
@@ -37,17 +30,8 @@ def _run_worker(rank, world_size, dump_folder, extra):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """One corpus + tokenizer for every run (prepared here, so spawned ranks only read it)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("home")))
-    from titanlite.config import load_config
-    from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-
-    config = load_config(BASE)
-    prepare_corpus(config.data)
-    prepare_tokenizer(config.data)
     torch.set_num_threads(1)
-    yield
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, BASE)
 
 
 def test_resume_on_same_process_count_is_bitwise_exact(home, tmp_path):

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.helpers.runs import isolated_cache
 from titanlite import train
 from titanlite.cli import run_cli
 from titanlite.config import load_config
@@ -27,11 +28,7 @@ TINY = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("titanlite_home")))
-    torch.set_num_threads(1)
-    yield
-    mp.undo()
+    yield from isolated_cache(tmp_path_factory)
 
 
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.helpers.runs import isolated_cache
 from titanlite.config import load_config
 from titanlite.config.sections import DataConfig
 from titanlite.data import corpora, download, shards
@@ -32,11 +33,7 @@ TINY = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("titanlite_home")))
-    torch.set_num_threads(1)
-    yield
-    mp.undo()
+    yield from isolated_cache(tmp_path_factory)
 
 
 def _ready_shards(folder: Path) -> dict[str, str]:

@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from titanlite import train
+from tests.helpers.runs import one_line, prepared_home, run_cli, train_losses
 from titanlite.checkpoint import list_steps
-from titanlite.cli import run_cli
-from titanlite.config import load_config
 
 BASE = [
     "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
@@ -34,15 +32,7 @@ CAUSES = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("home")))
-    from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-
-    config = load_config(BASE)
-    prepare_corpus(config.data)
-    prepare_tokenizer(config.data)
-    yield
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, BASE)
 
 
 def _args(dump, *extra):
@@ -50,12 +40,7 @@ def _args(dump, *extra):
 
 
 def _losses(dump, *extra) -> dict[int, float]:
-    trainer = train.Trainer(load_config(_args(dump, *extra)))
-    try:
-        trainer.train()
-        return dict(trainer.loss_history)
-    finally:
-        trainer.close()
+    return train_losses(_args(dump, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +49,13 @@ def straight(home, tmp_path_factory):
 
 
 def _cli(capsys, dump, *extra) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run_cli(train.main, _args(dump, *extra))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, _args(dump, *extra))
 
 
 def _one_error_line(out: str, err: str) -> str:
-    assert "Traceback" not in out + err, out[-2000:] + err[-2000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    line = one_line(out, err)
+    assert line.startswith("error: "), err
+    return line
 
 
 class _FailingStream(io.RawIOBase):

@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from titanlite import train
+from tests.helpers.runs import one_line, prepared_home, run_cli, train_losses
 from titanlite.checkpoint import list_steps
-from titanlite.cli import run_cli
-from titanlite.config import load_config
 from titanlite.errors import UserError
 from titanlite.run_lock import LOCK_FILE, RunLock
 
@@ -36,16 +34,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(path))
-    from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
-
-    config = load_config(BASE)
-    prepare_corpus(config.data)
-    prepare_tokenizer(config.data)
-    yield path
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, BASE)
 
 
 def _args(dump, *extra):
@@ -53,26 +42,11 @@ def _args(dump, *extra):
 
 
 def _losses(dump, *extra) -> dict[int, float]:
-    trainer = train.Trainer(load_config(_args(dump, *extra)))
-    try:
-        trainer.train()
-        return dict(trainer.loss_history)
-    finally:
-        trainer.close()
+    return train_losses(_args(dump, *extra))
 
 
 def _cli(capsys, dump, *extra) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run_cli(train.main, _args(dump, *extra))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(out: str, err: str) -> str:
-    assert "Traceback" not in out + err, out[-2000:] + err[-2000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
+    return run_cli(capsys, _args(dump, *extra))
 
 
 def _start_training(home, dump) -> tuple[subprocess.Popen, list[str]]:
@@ -119,7 +93,7 @@ def test_sigterm_saves_the_step_reached_exits_143_and_resumes_bitwise(home, tmp_
         # meanwhile a second run into the same folder is refused, naming the first
         code, out, err = _cli(capsys, tmp_path)
         assert code == 2
-        line = _one_line(out, err)
+        line = one_line(out, err)
         assert line.startswith(f"error: run folder {tmp_path / 'd2'} is in use by another run (PID {proc.pid} on "
                                f"host {socket.gethostname()}")
         proc.send_signal(signal.SIGTERM)
@@ -146,7 +120,7 @@ def test_sigterm_saves_the_step_reached_exits_143_and_resumes_bitwise(home, tmp_
         assert resumed[step] == straight[step], step  # bitwise on CPU
 
 
-def test_sigint_during_a_sync_save_is_one_line(home, tmp_path, capsys, monkeypatch):
+def test_sigint_during_a_sync_save_isone_line(home, tmp_path, capsys, monkeypatch):
     real_write = FileSystemWriter.write_data
 
     def write_then_interrupt(self, plan, planner):
@@ -161,7 +135,7 @@ def test_sigint_during_a_sync_save_is_one_line(home, tmp_path, capsys, monkeypat
     finally:
         signal.signal(signal.SIGINT, previous)
     assert code == 130
-    assert _one_line(out, err) == ("error: interrupted by the user (Ctrl-C); checkpoints already written are "
+    assert one_line(out, err) == ("error: interrupted by the user (Ctrl-C); checkpoints already written are "
                                    "intact")
     assert list_steps(tmp_path / "d2") == [2]
     assert not (tmp_path / "d2" / ".step-000004.tmp").exists()
@@ -181,7 +155,7 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(home, tmp_pat
     code, out, err = _cli(capsys, tmp_path, "--training.num_iterations=2", f"--data.tokenizer_dir={other}",
                           "--checkpoint.resume_from_step=latest")
     assert code == 2
-    line = _one_line(out, err)
+    line = one_line(out, err)
     assert line.startswith(f"error: checkpoint {tmp_path / 'd2' / 'step-000002'} was trained with another "
                            "tokenizer")
     # the original tokenizer still resumes

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.helpers.runs import isolated_cache
 from titanlite import train
 from titanlite.config import load_config
 from titanlite.errors import UserError
@@ -21,11 +22,7 @@ TINY = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TITANLITE_HOME", str(tmp_path_factory.mktemp("titanlite_home")))
-    torch.set_num_threads(1)
-    yield
-    mp.undo()
+    yield from isolated_cache(tmp_path_factory)
 
 
 

@@ -26,16 +26,12 @@ def train_bytes(data_dir: Path, index: ShardIndex) -> int:
 def tokens_per_byte(index: ShardIndex, tokenizer) -> float:
     """Tokens (BOS included, as the loader adds one per document) per UTF-8 byte of the first documents."""
     texts, size = [], 0
-    for file, rg in index.units:
-        for text in index.row_group(file, rg)[0]:
-            if text:
-                texts.append(text[:SAMPLE_BYTES])
-                size += len(text[:SAMPLE_BYTES].encode("utf-8"))
-            if len(texts) >= SAMPLE_DOCS or size >= SAMPLE_BYTES:
-                break
-        else:
-            continue
-        break
+    documents = (text for file, rg in index.units for text in index.row_group(file, rg)[0] if text)
+    for text in documents:  # row groups are read only as far as the sample goes
+        texts.append(text[:SAMPLE_BYTES])
+        size += len(texts[-1].encode("utf-8"))
+        if len(texts) >= SAMPLE_DOCS or size >= SAMPLE_BYTES:
+            break
     if not size:
         return 0.0
     tokens = sum(len(ids) for ids in tokenizer.encode_arrays(texts, tokenizer.bos_token_id))

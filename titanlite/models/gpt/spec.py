@@ -21,7 +21,8 @@ from titanlite.errors import UserError
 from titanlite.models.gpt.memory import estimate_memory
 from titanlite.models.gpt.model import GPT, GPTArgs, count_flops_per_token, count_params, window_sizes
 from titanlite.models.gpt.parallelize import parallelize_gpt
-from titanlite.spec import ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, width_and_heads
+from titanlite.spec import (ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, adam_betas,
+                            width_and_heads)
 
 SMEAR_LR = 0.2
 EXPORT_FORMAT = "titanlite-gpt-v1"
@@ -59,10 +60,9 @@ def describe(args: GPTArgs) -> list[str]:
 
 def optimizer_groups(optimizer_cfg, scales: LRScales) -> dict[str, GroupSettings]:
     cfg, b, w = optimizer_cfg, scales.batch, scales.width
-    unembedding_beta2 = cfg.adam_beta2 if cfg.unembedding_beta2 < 0 else cfg.unembedding_beta2
-    embedding_betas = (cfg.adam_beta1, cfg.adam_beta2 if cfg.embedding_beta2 < 0 else cfg.embedding_beta2)
+    unembedding_betas, embedding_betas = adam_betas(cfg)
     return {
-        "lm_head": GroupSettings(ADAMW, cfg.unembedding_lr * b * w, (cfg.adam_beta1, unembedding_beta2), 0.01),
+        "lm_head": GroupSettings(ADAMW, cfg.unembedding_lr * b * w, unembedding_betas, 0.01),
         "wte": GroupSettings(ADAMW, cfg.embedding_lr * b * w, embedding_betas, 0.001),
         "value_embeds": GroupSettings(ADAMW, cfg.embedding_lr * b * w * 0.5, embedding_betas, 0.01),
         "resid_lambdas": GroupSettings(ADAMW, cfg.scalar_lr * b * 0.01, (0.8, 0.95), 0.05),

@@ -19,7 +19,8 @@ import torch
 
 from titanlite.models.llama.model import Llama, LlamaArgs, count_flops_per_token, count_params
 from titanlite.parallelize import parallelize
-from titanlite.spec import ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, width_and_heads
+from titanlite.spec import (ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, adam_betas,
+                            width_and_heads)
 
 KV_GROUP = 4
 FFN_MULTIPLE = 256
@@ -50,11 +51,10 @@ def describe(args: LlamaArgs) -> list[str]:
 
 def optimizer_groups(optimizer_cfg, scales: LRScales) -> dict[str, GroupSettings]:
     cfg, b, w = optimizer_cfg, scales.batch, scales.width
-    unembedding_beta2 = cfg.adam_beta2 if cfg.unembedding_beta2 < 0 else cfg.unembedding_beta2
-    embedding_beta2 = cfg.adam_beta2 if cfg.embedding_beta2 < 0 else cfg.embedding_beta2
+    unembedding_betas, embedding_betas = adam_betas(cfg)
     return {
-        "lm_head": GroupSettings(ADAMW, cfg.unembedding_lr * b * w, (cfg.adam_beta1, unembedding_beta2), 0.01),
-        "wte": GroupSettings(ADAMW, cfg.embedding_lr * b * w, (cfg.adam_beta1, embedding_beta2), 0.001),
+        "lm_head": GroupSettings(ADAMW, cfg.unembedding_lr * b * w, unembedding_betas, 0.01),
+        "wte": GroupSettings(ADAMW, cfg.embedding_lr * b * w, embedding_betas, 0.001),
         "norms": GroupSettings(ADAMW, cfg.scalar_lr * b * 0.01, (0.8, 0.95), 0.0),
         "matrices": GroupSettings(MUON, cfg.matrix_lr * b, weight_decay=scales.muon_weight_decay),
     }
