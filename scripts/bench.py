@@ -10,9 +10,10 @@ Every variant runs in its own process group (1 process, or 2 for the `procs` com
 parent then runs them in interleaved rounds (A B A B ...) so machine noise hits all variants alike. Each step is
 the trainer's own `Trainer.train_step` (no evaluation, no checkpoints); the data loaders and the optimizers are
 wrapped with timers, so forward+backward = step - data wait - optimizer. Communication and the matmul /
-non-matmul split come from one extra step under torch.profiler per variant. On CPU, MFU is against a matmul
-peak measured in the same run by the same processes (fp32 always; bf16 only where the CPU runs it natively,
-since emulated bf16 takes minutes to measure); on GPU against the peak-FLOPs table.
+non-matmul split come from one extra step under torch.profiler per variant. MFU divides by the trainer's own
+peak: on CPU titanlite.cpu_peak's cached matmul peak for the variant's dtype and threads per process (measured
+here before the variants start when it is missing), on GPU the peak-FLOPs table; the `mm chk%` column times a
+matmul after each batch of steps against that peak, so a loaded machine shows.
 Every option that is not a bench flag is a config override (`--section.key=value`).
 """
 
@@ -35,10 +36,10 @@ SMOKE_OVERRIDES = [
     "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
     "--training.device_batch_size=4", "--training.total_batch_size=256", "--data.vocab_size=512",
     "--compile.enabled=false", "--data.tokenizer_max_chars=400000",
-    "--metrics.peak_flops=1e11",  # the trainer's own device line: the bench divides by what it measures itself
 ]
 # Self time of these ops is "matmul" in the profile split; attention kernels are counted apart.
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::addbmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
+              "aten::addbmm")  # addmm_: the fused head accumulates its weight gradient in place
 ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "flex_attention", "flash_attn", "flashattn",
                      "flash_fwd", "flash_bwd", "flash::", "fmha", "sdpa")
 COMM_MARKERS = ("c10d", "gloo", "nccl", "allgather", "all_gather", "reduce_scatter", "allreduce", "all_reduce",
@@ -130,21 +131,18 @@ class _TimedOptimizers:
         return getattr(self.optimizers, name)
 
 
-def _measure_peaks(device, compute_dtype, size: int) -> dict:
-    """Matmul peak of this process (its thread count) on CPU, from size x size matmuls; the table's BF16 peak
-    on GPU."""
-    import torch
-
+def _matmul_check(device, compute_dtype, size: int) -> float | None:
+    """A quick matmul FLOP/s of this process after a batch of steps (CPU): a check of how loaded the machine was,
+    against the peak the MFU divides by; None on GPU."""
+    if device.type == "cuda":
+        return None
     from titanlite.cpu_peak import measure_matmul_peak
-    from titanlite.metrics import peak_flops_for_gpu
     from titanlite.precision import cpu_has_native_bf16
 
-    if device.type == "cuda":
-        return {"table_bf16": peak_flops_for_gpu(torch.cuda.get_device_name(device))}
-    peaks = {"fp32": measure_matmul_peak(torch.float32, size)}
-    if cpu_has_native_bf16():  # emulated bf16 matmuls run at ~0.2 GFLOP/s: measuring them would take minutes
-        peaks["bf16"] = measure_matmul_peak(torch.bfloat16, size)
-    return peaks
+    import torch
+
+    emulated = compute_dtype == torch.bfloat16 and not cpu_has_native_bf16()
+    return measure_matmul_peak(compute_dtype, None if emulated else size, min_trials=3, min_seconds=0.3)
 
 
 def _profile_step(trainer, step: int, sync) -> dict:
@@ -200,14 +198,11 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
         clock = {"data": 0.0, "optimizer": 0.0}
         trainer.train_streams = {k: _TimedLoader(v, clock, sync) for k, v in trainer.train_streams.items()}
         trainer.optimizers = _TimedOptimizers(trainer.optimizers, clock, sync)
-        if world > 1:
-            dist.barrier()  # measure the peak with every rank busy, as in training
-        peaks = _measure_peaks(trainer.device, trainer.compute_dtype, peak_size)
         info = {"compute_dtype": str(trainer.compute_dtype).replace("torch.", ""),
                 "attention_backend": getattr(trainer.model, "attention_backend", "n/a"),
                 "threads": torch.get_num_threads(), "device": trainer.device_info.line,
                 "tokens_per_step": trainer.plan.total_batch_size, "flops_per_token": trainer.plan.flops_per_token,
-                "grad_accum_steps": trainer.plan.grad_accum_steps, "peaks": peaks,
+                "grad_accum_steps": trainer.plan.grad_accum_steps, "peak_flops": trainer.device_info.peak_flops,
                 "rss_after_build_mib": peak_memory_mib(trainer.device)}
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -236,12 +231,13 @@ def _worker(rank: int, world: int, argv: list[str], store_path: str, commands, r
                     gc.freeze()
                     gc.disable()
                 step += 1
-            # the matmul peak again after every batch of steps: the MFU denominator is the best this machine
-            # showed during the run, so a busy moment at start does not inflate every variant's MFU
+            # a matmul check after every batch of steps, every rank at once as in training: how much of the peak
+            # the machine gave this variant's processes during the run (a low figure means the run was loaded)
             if world > 1:
                 dist.barrier()
             results.put((rank, "steps", {"records": records, "peak_memory_mib": peak_memory_mib(trainer.device),
-                                         "peaks": _measure_peaks(trainer.device, trainer.compute_dtype, peak_size)}))
+                                         "matmul_check": _matmul_check(trainer.device, trainer.compute_dtype,
+                                                                       peak_size)}))
         trainer.close()
     except BaseException:  # noqa: BLE001 - the parent reports it
         results.put((rank, "error", traceback.format_exc()))
@@ -374,7 +370,8 @@ def _adjust_for_processes(argv: list[str], processes: int) -> list[str]:
     return argv + [f"--training.device_batch_size={dbs}", "--parallelism.world_size=-1"]
 
 
-def summarize(variant: Variant, infos: list, step_answers: list[list], profile: list | None, warmup: int) -> dict:
+def summarize(variant: Variant, infos: list, step_answers: list[list], profile: list | None, warmup: int,
+              peak_source: str) -> dict:
     info = infos[0]
     # the step time of a variant is its slowest rank's (they wait for each other at every collective)
     timed, first = [], []
@@ -388,17 +385,10 @@ def summarize(variant: Variant, infos: list, step_answers: list[list], profile: 
     optimizer = statistics.median(r["optimizer"] for r in timed)
     tokens = info["tokens_per_step"]
     flops_per_sec = info["flops_per_token"] * tokens / step_time
-    dtype_key = "bf16" if info["compute_dtype"] == "bfloat16" else "fp32"
-    # every measurement of each rank: at start and after each batch of steps; the best one counts
-    rank_peaks = [[infos[r]["peaks"]] + [a[r]["peaks"] for a in step_answers] for r in range(len(infos))]
-    if "table_bf16" in info["peaks"]:
-        peak, source = sum(i["peaks"]["table_bf16"] for i in infos), "peak-FLOPs table (BF16) x processes"
-    elif dtype_key in info["peaks"]:
-        peak = sum(max(m[dtype_key] for m in measured) for measured in rank_peaks)
-        source = (f"measured {dtype_key} 2048x2048 matmul, best of this run's measurements, summed over "
-                  "processes")
-    else:
-        peak, source = float("nan"), f"no native {dtype_key} peak measured"
+    # the trainer's own MFU denominator (the same number its step line divides by), summed over processes
+    peak = sum(i["peak_flops"] for i in infos)
+    checks = [a[r]["matmul_check"] for a in step_answers for r in range(len(infos))]
+    checks = [c / infos[0]["peak_flops"] for c in checks if c is not None]
     comm = profile[0]["communication_s"] if profile else None
     memory = max(a[r]["peak_memory_mib"] for a in step_answers for r in range(len(infos)))
     result = {
@@ -410,13 +400,13 @@ def summarize(variant: Variant, infos: list, step_answers: list[list], profile: 
         "flops_per_token": info["flops_per_token"], "steps_timed": len(timed),
         "step_times_s": [round(r["total"], 4) for r in timed], "step_time_s": step_time,
         "tokens_per_sec": tokens / step_time, "flops_per_sec": flops_per_sec,
-        "peak_flops": peak, "peak_flops_source": source, "mfu": flops_per_sec / peak,
+        "peak_flops": peak, "peak_flops_source": peak_source, "mfu": flops_per_sec / peak,
+        "matmul_check_vs_peak": [round(min(checks), 3), round(max(checks), 3)] if checks else None,
         "breakdown": {"data": data, "forward_backward": max(0.0, step_time - data - optimizer),
                       "optimizer": optimizer, "communication": comm},
         "first_step_s": first[0]["total"] if first else None,
         "compile_time_s": max(0.0, first[0]["total"] - step_time) if first else None,
         "peak_memory_mib": memory, "rss_after_build_mib": max(i["rss_after_build_mib"] for i in infos),
-        "peaks_measured": rank_peaks,
         # each rank returns its share (local token-loss sum / global tokens): the step's loss is their sum
         "final_loss": sum(recs[-1]["loss"] for recs in per_rank_records),
         "profile": profile[0] if profile else None,
@@ -426,7 +416,8 @@ def summarize(variant: Variant, infos: list, step_answers: list[list], profile: 
 
 def format_table(report: dict) -> str:
     head = (f"{'variant':<16} {'procs':>5} {'dtype':>8} {'tok/s':>9} {'MFU%':>6} {'step ms':>8} {'data':>6} "
-            f"{'fwd+bwd':>8} {'optim':>6} {'comm':>6} {'non-mm%':>7} {'1st s':>6} {'compile s':>9} {'peak MiB':>8}")
+            f"{'fwd+bwd':>8} {'optim':>6} {'comm':>6} {'non-mm%':>7} {'1st s':>6} {'compile s':>9} {'peak MiB':>8} "
+            f"{'mm chk%':>8}")
     lines = [head, "-" * len(head)]
     ms = lambda v: f"{1000 * v:.0f}" if v is not None else "n/a"  # noqa: E731
     for v in report["variants"]:
@@ -437,12 +428,15 @@ def format_table(report: dict) -> str:
             f"{100 * v['mfu']:>6.1f} {ms(v['step_time_s']):>8} {ms(b['data']):>6} {ms(b['forward_backward']):>8} "
             f"{ms(b['optimizer']):>6} {ms(b['communication']):>6} "
             f"{(f'{100 * share:.1f}' if share is not None else 'n/a'):>7} "
-            f"{(v['first_step_s'] or 0):>6.1f} {(v['compile_time_s'] or 0):>9.1f} {v['peak_memory_mib']:>8.0f}")
+            f"{(v['first_step_s'] or 0):>6.1f} {(v['compile_time_s'] or 0):>9.1f} {v['peak_memory_mib']:>8.0f} "
+            f"{(f'{100 * check[0]:.0f}-{100 * check[1]:.0f}' if (check := v['matmul_check_vs_peak']) else 'n/a'):>8}")
     for s in report["skipped"]:
         lines.append(f"{s['name']:<16} skipped: {s['reason']}")
     m = report["machine"]
-    lines.append(f"load average {m['load_start']} at start, {m['load_end']} at end; "
-                 f"MFU vs {report['variants'][0]['peak_flops_source']}")
+    lines.append(f"CPU {m['cpu']} [{m['isa']}], load average {m['load_start']} at start, {m['load_end']} at end")
+    for source in dict.fromkeys(v["peak_flops_source"] for v in report["variants"]):
+        lines.append(f"MFU vs {source}")
+    lines.append("mm chk%: a matmul timed after each batch of steps, as % of that peak (low: the machine was busy)")
     return "\n".join(lines)
 
 
@@ -483,7 +477,7 @@ def run(argv: list[str]) -> dict:
     if args.smoke:
         overrides = SMOKE_OVERRIDES + overrides
         args.steps, args.rounds, args.warmup = 2, 1, 1
-    # smoke (CI): the MFU denominator from 512x512 matmuls, a tenth of the time; its figures are not for comparing
+    # the matmul check after each batch of steps; smoke (CI): 512 x 512, a tenth of the time
     peak_size = 512 if args.smoke else 2048
     with tempfile.TemporaryDirectory(prefix="titanlite-bench-") as tmp:
         base = overrides + [f"--job.dump_folder={tmp}", "--checkpoint.enabled=false", "--metrics.tensorboard=false",
@@ -494,6 +488,7 @@ def run(argv: list[str]) -> dict:
         native = has_native_bf16(resolve_device_type(config.training.device_type))
         compare = [c.strip() for c in args.compare.split(",") if c.strip()]
         variants, skipped = build_variants(compare, args.variant, native, base)
+        peaks = measure_machine_peaks(variants, base, args.threads)
         load_start = os.getloadavg()
         ctx = mp.get_context("spawn")
         groups = []
@@ -501,6 +496,8 @@ def run(argv: list[str]) -> dict:
             for i, v in enumerate(variants):
                 # a run folder each: variants run at once, and a run folder admits one run (titanlite.run_lock)
                 own_folder = [f"--job.dump_folder={os.path.join(tmp, f'variant-{i}')}"]
+                if peaks[i][0]:
+                    own_folder += [f"--metrics.peak_flops={peaks[i][0]}", "--metrics.remeasure_peak=false"]
                 groups.append(VariantGroup(ctx, v, _adjust_for_processes(base + v.overrides + own_folder,
                                                                          v.processes), tmp,
                                            args.timeout, args.threads, peak_size))
@@ -516,36 +513,56 @@ def run(argv: list[str]) -> dict:
         load_end = os.getloadavg()
     import torch
 
-    from titanlite.cpu_peak import cpu_name
+    from titanlite.cpu_peak import cpu_isa, cpu_name
 
     report = {
         "config": config.job.config_file, "overrides": overrides,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native,
+        "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native,
                     "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in load_end]},
         "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-        "variants": [summarize(v, infos[i], answers[i], profiles[i], args.warmup) for i, v in enumerate(variants)],
+        "variants": [summarize(v, infos[i], answers[i], profiles[i], args.warmup, peaks[i][1])
+                     for i, v in enumerate(variants)],
         "skipped": skipped,
     }
-    _share_measured_peaks(report["variants"])
     return report
 
 
-def _share_measured_peaks(variants: list[dict]) -> None:
-    """One denominator per dtype for every variant: the best matmul peak any of them measured.
+def measure_machine_peaks(variants: list[Variant], base: list[str], threads: int) -> list[tuple[str, str]]:
+    """Per variant: (the --metrics.peak_flops override for its processes, or "" on GPU; where the number is from).
 
-    Each variant measures the whole machine (its processes' peaks summed), but a single measurement can land in
-    a noisy moment; per-variant denominators once put two variants with equal tok/s 11 MFU points apart.
+    On CPU the MFU denominator is titanlite.cpu_peak's, the number the trainer's own step line divides by:
+    cached per (CPU, instruction set, dtype, threads), and when missing measured here, before any variant starts,
+    so that no variant measures it while another one builds or computes (that once cached a peak 4x too low).
     """
-    best: dict[str, float] = {}
-    for v in variants:
-        if v["peak_flops_source"].startswith("measured"):
-            best[v["compute_dtype"]] = max(best.get(v["compute_dtype"], 0.0), v["peak_flops"])
-    for v in variants:
-        if v["peak_flops_source"].startswith("measured"):
-            v["peak_flops"] = best[v["compute_dtype"]]
-            v["mfu"] = v["flops_per_sec"] / v["peak_flops"]
-            v["peak_flops_source"] = v["peak_flops_source"].replace("best of this run's measurements",
-                                                                    "best of all variants' measurements in this run")
+    import torch
+
+    from titanlite.config import load_config
+    from titanlite.cpu_peak import cpu_peak_flops
+    from titanlite.device import resolve_device_type
+    from titanlite.precision import resolve_compute_dtype
+
+    saved_threads, done, out = torch.get_num_threads(), {}, []
+    try:
+        for v in variants:
+            config = load_config(base + v.overrides)
+            device_type = resolve_device_type(config.training.device_type)
+            if device_type != "cpu":
+                out.append(("", "peak-FLOPs table (BF16)" + (f" x {v.processes} processes" if v.processes > 1
+                                                               else "")))
+                continue
+            dtype = resolve_compute_dtype(config.training.dtype, device_type)
+            per_process = threads if threads > 0 else max(1, (os.cpu_count() or v.processes) // v.processes)
+            key = (dtype, per_process, config.metrics.peak_flops)
+            if key not in done:
+                torch.set_num_threads(per_process)
+                done[key] = cpu_peak_flops(dtype, config.metrics.peak_flops, config.metrics.remeasure_peak)
+            peak = done[key]
+            procs = f", x {v.processes} processes" if v.processes > 1 else ""
+            out.append((repr(peak.flops), f"{str(dtype).removeprefix('torch.')} matmul peak, {per_process} threads "
+                                          f"per process ({peak.source}){procs}"))
+    finally:
+        torch.set_num_threads(saved_threads)
+    return out
 
 
 def main(argv: list[str]) -> int:
