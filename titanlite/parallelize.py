@@ -80,12 +80,23 @@ def compile_enabled(compile_cfg, device_type: str) -> bool:
     raise UserError(f"compile.enabled = {compile_cfg.enabled!r} is not supported; use auto, true or false")
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately (identical blocks share one compiled graph), re-registered in place.
-
-    The `_orig_mod.` prefix compile adds to parameter names is stripped by DCP's get_model_state_dict.
+def apply_compile(model: nn.Module, scope: str = "blocks", sharded: bool = False) -> None:
+    """scope "blocks": compile each block separately (identical blocks share one compiled graph), re-registered
+    in place; the `_orig_mod.` prefix compile adds to parameter names is stripped by DCP's get_model_state_dict.
+    scope "model": compile the whole forward in place (`nn.Module.compile`: names unchanged), so the embeddings,
+    the norms and scalars between blocks and the head's elementwise work fuse too. Not under FSDP, whose
+    per-block all-gather hooks would then be traced into the graph.
     dynamic=False: training shapes never change, and static shapes give the fastest kernels.
     """
+    if scope == "model":
+        if sharded:
+            raise UserError("compile.scope = model traces FSDP's per-block hooks into one graph, so it runs in a "
+                            "single process only; use compile.scope = blocks with more than one process")
+        model.compile(dynamic=False)
+        logger.info("torch.compile: the whole model")
+        return
+    if scope != "blocks":
+        raise UserError(f"compile.scope = {scope!r} is not supported; use blocks or model")
     for name, block in list(model.blocks.named_children()):
         model.blocks.register_module(name, torch.compile(block, dynamic=False))
     logger.info(f"torch.compile: {len(model.blocks)} blocks")
@@ -130,7 +141,7 @@ def parallelize(model: nn.Module, world: WorldInfo, compile_cfg, float8_cfg, ac_
     apply_float8(model, float8_cfg, world.device)
     apply_ac(model, ac_cfg)
     if compile_enabled(compile_cfg, world.device.type):
-        apply_compile(model)
+        apply_compile(model, compile_cfg.scope, sharded=world.mesh is not None)
     if world.mesh is not None:
         apply_fsdp(model, world, param_dtype, reduce_dtype, fsdp_units, fsdp_gathered_units)
     return model

@@ -152,6 +152,9 @@ class ParallelismConfig:
 class CompileConfig:
     enabled: str = opt("auto", "torch.compile each block (auto: on for CUDA)", choices=("auto", "true", "false"),
                        loose=True)
+    scope: str = opt("blocks", "what compile covers: blocks (each block; FSDP's hooks stay outside the graphs) or "
+                               "model (the whole forward, embeddings and head included: more fusion, a longer "
+                               "compile, one process only)", choices=("blocks", "model"))
 
 
 @dataclass(frozen=True)
