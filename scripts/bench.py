@@ -558,8 +558,8 @@ def measure_machine_peaks(variants: list[Variant], base: list[str], threads: int
                 done[key] = cpu_peak_flops(dtype, config.metrics.peak_flops, config.metrics.remeasure_peak)
             peak = done[key]
             procs = f", x {v.processes} processes" if v.processes > 1 else ""
-            out.append((repr(peak.flops), f"{str(dtype).removeprefix('torch.')} matmul peak, {per_process} threads "
-                                          f"per process ({peak.source}){procs}"))
+            out.append((repr(peak.flops), f"{str(dtype).removeprefix('torch.')} matmul peak, {per_process} "
+                                          f"thread{'s' if per_process > 1 else ''} per process ({peak.source}){procs}"))
     finally:
         torch.set_num_threads(saved_threads)
     return out
