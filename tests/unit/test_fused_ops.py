@@ -1,4 +1,4 @@
-"""The model's hand-fused ops (softcap + cross-entropy head, RoPE, relu^2) against their textbook forms."""
+"""The model's hand-fused ops (softcap + cross-entropy head, RMSNorm, RoPE, relu^2) against their textbook forms."""
 
 import pytest
 import torch
@@ -67,3 +67,35 @@ def test_relu_squared_matches_textbook_and_gradcheck():
     assert torch.autograd.gradcheck(relu_squared, (x,))
     grad = torch.autograd.grad(relu_squared(x).sum(), x)[0]
     torch.testing.assert_close(grad, 2 * F.relu(x))
+
+
+def textbook_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.2])
+def test_rms_norm_matches_textbook_and_gradcheck(scale):
+    from titanlite.models.gpt.ops import rms_norm
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 0.01).requires_grad_()  # eps matters here
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(rms_norm(x, scale), scale * textbook_rms_norm(x, eps))
+    assert torch.autograd.gradcheck(lambda t: rms_norm(t, scale), (x,))
+    # fp32, with a non-trivial upstream gradient, against autograd through the textbook form in fp64
+    x32 = torch.randn(4, 64, 32, generator=g).requires_grad_()
+    up = torch.randn(4, 64, 32, generator=g)
+    got = torch.autograd.grad((rms_norm(x32, scale) * up).sum(), x32)[0]
+    x64 = x32.detach().double().requires_grad_()
+    want = torch.autograd.grad((scale * textbook_rms_norm(x64, torch.finfo(torch.float32).eps) * up).sum(), x64)[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_rms_norm_in_bf16_rounds_like_pytorch():
+    # bf16 activations: statistics in fp32 with fp32's eps (not bf16's 2^-7), then F.rms_norm(x) * scale's roundings
+    from titanlite.models.gpt.ops import rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 32, 64, generator=g) * 0.03).bfloat16().requires_grad_()
+    want = (textbook_rms_norm(x.detach().double(), torch.finfo(torch.float32).eps).bfloat16() * 1.2)
+    torch.testing.assert_close(rms_norm(x, 1.2), want, atol=0, rtol=0)

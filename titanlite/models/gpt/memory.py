@@ -23,7 +23,7 @@ FP32 = 4
 
 
 def saved_per_token_per_layer(n_embd: int, q_dim: int, kv_dim: int, value_embedding: bool,
-                              compiled: bool = False) -> int:
+                              compiled: bool = False, fused_norm: bool = False) -> int:
     """Compute-dtype elements one block keeps for backward, per token (GPT.forward + Block).
 
     Eager autograd (checked tensor by tensor with saved_tensors_hooks): attention keeps the mixed residual
@@ -35,12 +35,18 @@ def saved_per_token_per_layer(n_embd: int, q_dim: int, kv_dim: int, value_embedd
     Compiled (inductor's partitioner recomputes pointwise ops in backward; an estimate, not measured on CPU): the
     matmul outputs and the norms' inputs stay - mixed input, q/k/v raw, SDPA output, residual after attention,
     MLP hidden, block output.
+    fused_norm (eager on CPU, titanlite's RMSNorm function): the norms keep their outputs, which the next
+    matmul or SDPA keeps anyway, instead of their inputs: the mixed residual input, the rotated q and k and
+    the residual after attention are no longer kept.
     """
     ve = kv_dim if value_embedding else 0
     if compiled:
         return n_embd + q_dim + 2 * kv_dim + ve + q_dim + n_embd + 4 * n_embd + n_embd
     attention = 2 * n_embd + 3 * q_dim + 3 * kv_dim + ve
     mlp = n_embd + n_embd + 4 * n_embd + 4 * n_embd + n_embd
+    if fused_norm:
+        attention -= n_embd + q_dim + kv_dim
+        mlp -= n_embd
     return attention + mlp
 
 
@@ -68,10 +74,11 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
     q_dim, kv_dim = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
     windows = window_sizes(L, a.sequence_len, a.window_pattern)
     tokens = plan.device_batch_size * plan.seq_len
+    fused_norm = device_type == "cpu" and not compiled  # titanlite.models.gpt.ops.rms_norm
     per_layer = []
     for i in range(L):
         ve = has_value_embedding(i, L)
-        full = saved_per_token_per_layer(C, q_dim, kv_dim, ve, compiled) * compute_bytes + \
+        full = saved_per_token_per_layer(C, q_dim, kv_dim, ve, compiled, fused_norm) * compute_bytes + \
             _fp32_small_per_token_per_layer(a.n_head, a.n_kv_head)
         if i in checkpointed:  # only the block's inputs survive: mixed residual, the previous output, ve rows
             per_layer.append((2 * C + (kv_dim if ve else 0)) * compute_bytes)
@@ -79,8 +86,9 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
             if device_type == "cpu":  # CPU attention is SDPA: windows go through banded query blocks
                 full += banded_extra_per_token(plan.seq_len, windows[i], q_dim, kv_dim) * compute_bytes
             per_layer.append(full)
-    # embedding -> norm -> smear (x0) at the bottom, backout + final norm at the top
-    ends = 5 * C * compute_bytes
+    # embedding -> norm -> smear (x0) at the bottom, backout + final norm at the top; the fused norm keeps the
+    # embedding norm's output (which smear keeps too) instead of the raw embedding
+    ends = (4 if fused_norm else 5) * C * compute_bytes
     if fused_head:
         # saved: d(loss)/d(head input), per token, and d(loss)/d(head weight) in fp32 (both formed in forward);
         # transient at the end of forward: a few (chunk, vocab) fp32 buffers, whatever the token count
@@ -98,7 +106,9 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
     # of the largest activations of the block at hand (two MLP-hidden-sized tensors)
     # Eager: measured with the fused relu^2 / RoPE autograd functions (d4, C=128, full AC: 30.6 MB peak), a
     # recomputed block's backward adds about 12 C per token over the saved inputs, far below its 20 C of saved
-    # tensors (non-reentrant checkpointing releases each recomputed tensor once backward has used it).
+    # tensors (non-reentrant checkpointing releases each recomputed tensor once backward has used it). The fused
+    # CPU RMSNorm lowered that peak to 27.2 MB, where the end of forward (the head's fp32 chunks) is the peak,
+    # so 12 C stays as the (conservative) backward figure.
     if compiled:
         recompute = (saved_per_token_per_layer(C, q_dim, kv_dim, True, compiled) * compute_bytes
                      if checkpointed else 0)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
-from titanlite.models.gpt.ops import apply_rotary, fill_rope_tables, relu_squared, softcapped_cross_entropy
+from titanlite.models.gpt.ops import (apply_rotary, fill_rope_tables, relu_squared, rms_norm,
+                                     softcapped_cross_entropy)
 
 ROPE_BASE = 100_000
 QK_SCALE = 1.2          # q and k are multiplied by this after QK-norm (logits x 1.44)
@@ -101,8 +102,9 @@ def count_flops_per_token(args: GPTArgs) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps)."""
+    return rms_norm(x, scale)
 
 
 class Linear(nn.Linear):
@@ -172,7 +174,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, self.window, backend=self.backend, block_mask=attn_mask)

@@ -1,4 +1,4 @@
-"""The GPT's CPU-friendly autograd kernels: RoPE, relu^2 and the chunked softcap + cross-entropy head.
+"""The GPT's CPU-friendly autograd kernels: RMSNorm, RoPE, relu^2 and the chunked softcap + cross-entropy head.
 
 Each is the textbook operation with fewer passes over memory (and less saved for backward) than eager autograd
 would make of it; the math is unchanged, so the model's forward in model.py reads like the recipe.
@@ -7,6 +7,7 @@ would make of it; the math is unchanged, so the model's forward in model.py read
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 @torch.no_grad()
 def fill_rope_tables(cos: torch.Tensor, sin: torch.Tensor, base: float) -> None:
@@ -47,6 +48,51 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2)."""
     return _Rotary.apply(x, cos, sin)
+
+
+class _RmsNorm(torch.autograd.Function):
+    """y = scale * x / sqrt(mean(x^2) + eps) over the last dim, in fp32 (fp64 for fp64) with that type's eps:
+    what F.rms_norm does by default (for bf16 input too, whose own eps, 2^-7, it does not use).
+
+    On CPU, F.rms_norm's backward runs as a chain of elementwise ops (a profile of one fwd+bwd: 7 mul, 3 pow,
+    7 copy, 3 sum, a div); here forward is one row reduction and one scale, backward one product, one sum, one
+    subtract and one scale: fwd+bwd of a (16, 512, 256) fp32 tensor measured 5.4 vs 20.5 ms (AVX2, 2 threads).
+    Saves the output, which the next matmul keeps anyway, instead of the input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
+        inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
+        if xf is x:
+            y = x * (inv_rms * scale)
+        else:  # bf16: round the normalised x, then scale and round again, exactly as F.rms_norm(x) * scale
+            y = (xf * inv_rms).to(x.dtype)
+            y = y.mul_(scale) if scale != 1.0 else y
+        ctx.save_for_backward(y, inv_rms)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        # dx = s r (g - n mean(g n)) with n = x r the unscaled normalised x = y / s and r = 1 / rms
+        y, inv_rms = ctx.saved_tensors
+        work = inv_rms.dtype
+        g, yf = grad.to(work), y.to(work)
+        gy = g * yf
+        mean_gy = gy.sum(dim=-1, keepdim=True).div_(y.size(-1) * ctx.scale * ctx.scale)
+        dx = torch.mul(yf, mean_gy, out=gy)  # gy's buffer is free again once summed
+        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(grad.dtype), None
+
+
+def rms_norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)): one fused autograd function on CPU, PyTorch's kernel elsewhere
+    (CUDA has fused forward and backward kernels of its own, and compile fuses either)."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+        return _RmsNorm.apply(x, scale)
+    y = F.rms_norm(x, (x.size(-1),))
+    return y * scale if scale != 1.0 else y
 
 
 class _ReluSquared(torch.autograd.Function):
