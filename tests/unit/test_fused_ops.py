@@ -16,8 +16,10 @@ def reference_head_loss(x, weight, targets, softcap, vocab, reduction):
 
 @pytest.mark.parametrize("softcap", [15.0, 100.0])  # 100: past the shift-free bound, the row-max path
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_fused_head_matches_reference_loss_and_gradients(monkeypatch, softcap, reduction):
+@pytest.mark.parametrize("vocab_dim", [0, 1])  # vocab-major logits (CPU) and rows-major (GPU)
+def test_fused_head_matches_reference_loss_and_gradients(monkeypatch, softcap, reduction, vocab_dim):
     monkeypatch.setitem(gpt_ops.HEAD_CHUNK_ELEMENTS, "cpu", 7 * 96)  # 7 rows per chunk: 5 chunks, last partial
+    monkeypatch.setitem(gpt_ops.VOCAB_DIM, "cpu", vocab_dim)
     g = torch.Generator().manual_seed(0)
     vocab, padded = 90, 96
     x = torch.randn(33, 24, generator=g, requires_grad=True)
@@ -35,7 +37,9 @@ def test_fused_head_matches_reference_loss_and_gradients(monkeypatch, softcap, r
     assert torch.all(got_grads[1][vocab:] == 0)  # vocab padding rows get no gradient
 
 
-def test_fused_head_without_grad_matches_reference():
+@pytest.mark.parametrize("vocab_dim", [0, 1])
+def test_fused_head_without_grad_matches_reference(monkeypatch, vocab_dim):
+    monkeypatch.setitem(gpt_ops.VOCAB_DIM, "cpu", vocab_dim)
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(20, 16, generator=g), torch.randn(64, 16, generator=g) * 3
     targets = torch.randint(0, 60, (20,), generator=g)

@@ -134,30 +134,40 @@ def _head_chunk_rows(vocab: int, device_type: str) -> int:
     return max(1, HEAD_CHUNK_ELEMENTS.get(device_type, 1 << 24) // vocab)
 
 
-def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool):
-    """(loss per row with ignore_index -1 -> 0, fp32 grad of the logits or None) for one chunk of rows.
+# On CPU the chunk's logits are formed vocab-major, (vocab, rows) = W x^T: MKL runs that (8192 x 256) @ (256 x
+# 256) matmul ~25% faster than the rows-major (256 x 256) @ (256 x 8192) one (7.6-7.9 vs 9.6-10.7 ms, AVX2, 2
+# threads), and the weight gradient becomes the same fast shape; the whole head measured 5-10% faster. GPUs keep
+# the rows-major layout (cuBLAS takes either; not measured there).
+VOCAB_DIM = {"cpu": 0}
+
+
+def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool, vocab_dim: int = 1):
+    """(loss per row with ignore_index -1 -> 0, fp32 grad of the logits or None) for one chunk of rows; the
+    logits and their gradient are (rows, vocab) for vocab_dim 1, (vocab, rows) for vocab_dim 0.
 
     The softcapped logits z = c tanh(l / c) never exceed c, so exp(z - c) cannot overflow and logsumexp needs no
     max pass: lse = c + log(sum exp(z - c)). That and reusing exp(z - c) for the softmax make this 9 passes over
     the chunk instead of 13. A cap so large that exp(-2c) underflows fp32 shifts by the row max instead.
     """
+    d = vocab_dim
     valid = (tgt >= 0).to(torch.float32)
-    tgt = tgt.clamp_min(0).unsqueeze(1)
-    tanh = torch.mm(x_c, w_v.t()).float().div_(softcap).tanh_()   # t = tanh(l / c), kept for dz/dl = 1 - t^2
+    tgt = tgt.clamp_min(0).unsqueeze(d)
+    logits = torch.mm(w_v, x_c.t()) if d == 0 else torch.mm(x_c, w_v.t())
+    tanh = logits.float().div_(softcap).tanh_()                  # t = tanh(l / c), kept for dz/dl = 1 - t^2
     if softcap <= MAX_SHIFT_FREE_SOFTCAP:
         shift = torch.full_like(valid, softcap)
         shifted = (tanh - 1.0).mul_(softcap).exp_()               # exp(z - c), in [e^-2c, 1]
     else:
         z = tanh * softcap
-        shift = z.amax(dim=1)
-        shifted = z.sub_(shift.unsqueeze(1)).exp_()
-    sum_exp = shifted.sum(dim=1)
+        shift = z.amax(dim=d)
+        shifted = z.sub_(shift.unsqueeze(d)).exp_()
+    sum_exp = shifted.sum(dim=d)
     lse = sum_exp.log() + shift
-    loss = (lse - softcap * tanh.gather(1, tgt).squeeze(1)) * valid
+    loss = (lse - softcap * tanh.gather(d, tgt).squeeze(d)) * valid
     if not want_grad:
         return loss, None
-    grad = shifted.mul_((valid / sum_exp).unsqueeze(1))          # softmax, zero on ignored rows
-    grad.scatter_add_(1, tgt, -valid.unsqueeze(1))
+    grad = shifted.mul_((valid / sum_exp).unsqueeze(d))          # softmax, zero on ignored rows
+    grad.scatter_add_(d, tgt, -valid.unsqueeze(d))
     grad.addcmul_(grad, tanh.square_(), value=-1.0)  # x (1 - t^2): through the softcap
     return loss, grad
 
@@ -166,7 +176,7 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
     """Summed loss over rows; forward also produces d(sum)/dx and d(sum)/dW (fp32 accumulation)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, softcap: float, vocab_size: int, chunk_rows: int):
+    def forward(ctx, x, weight, targets, softcap: float, vocab_size: int, chunk_rows: int, vocab_dim: int = 1):
         n_rows = x.size(0)
         w_v = weight[:vocab_size]
         grad_x = torch.empty_like(x)
@@ -175,15 +185,16 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n_rows, chunk_rows):
             x_c, tgt = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True)
+            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
             total += loss.sum()
             grad = grad.to(x.dtype)
-            torch.mm(grad, w_v, out=grad_x[start:start + chunk_rows])
+            rows_major = grad if vocab_dim == 1 else grad.t()      # (rows, vocab) views of the logit gradient
+            torch.mm(rows_major, w_v, out=grad_x[start:start + chunk_rows])
             if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
-                grad_w_v.addmm_(grad.t(), x_c)
+                grad_w_v.addmm_(rows_major.t(), x_c)
             else:
-                grad_w_v.add_(torch.mm(grad.t(), x_c))
-            del loss, grad  # else this chunk's buffers live on through the next chunk's: 3 chunks at peak, not 2
+                grad_w_v.add_(torch.mm(rows_major.t(), x_c))
+            del loss, grad, rows_major  # else this chunk's buffers live on through the next one's: 3 at peak, not 2
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -193,7 +204,7 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
         return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
@@ -201,11 +212,13 @@ def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: tor
     """CE of softcap(x @ weight[:vocab].T) against targets (ignore_index -1), reduction "sum" or "mean"."""
     x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     chunk_rows = _head_chunk_rows(vocab_size, x.device.type)
+    vocab_dim = VOCAB_DIM.get(x.device.type, 1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        total = _FusedSoftcapCrossEntropy.apply(x2, weight, t2, softcap, vocab_size, chunk_rows)
+        total = _FusedSoftcapCrossEntropy.apply(x2, weight, t2, softcap, vocab_size, chunk_rows, vocab_dim)
     else:
         total = sum(_softcap_ce_chunk(x2[s:s + chunk_rows], weight[:vocab_size], t2[s:s + chunk_rows], softcap,
-                                      want_grad=False)[0].sum() for s in range(0, x2.size(0), chunk_rows))
+                                      want_grad=False, vocab_dim=vocab_dim)[0].sum()
+                    for s in range(0, x2.size(0), chunk_rows))
     if reduction == "sum":
         return total
     return total / (t2 >= 0).sum()  # mean over non-ignored tokens, like F.cross_entropy (no host sync)
