@@ -133,16 +133,12 @@ class _TimedOptimizers:
 
 def _matmul_check(device, compute_dtype, size: int) -> float | None:
     """A quick matmul FLOP/s of this process after a batch of steps (CPU): a check of how loaded the machine was,
-    against the peak the MFU divides by; None on GPU."""
+    against the peak the MFU divides by; None on GPU. Up to size x size (smaller for an emulated dtype)."""
     if device.type == "cuda":
         return None
     from titanlite.cpu_peak import measure_matmul_peak
-    from titanlite.precision import cpu_has_native_bf16
 
-    import torch
-
-    emulated = compute_dtype == torch.bfloat16 and not cpu_has_native_bf16()
-    return measure_matmul_peak(compute_dtype, None if emulated else size, min_trials=3, min_seconds=0.3)
+    return measure_matmul_peak(compute_dtype, min_trials=3, min_seconds=0.3, largest=size)
 
 
 def _profile_step(trainer, step: int, sync) -> dict:
@@ -517,7 +513,8 @@ def run(argv: list[str]) -> dict:
 
     report = {
         "config": config.job.config_file, "overrides": overrides,
-        "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "torch": torch.__version__, "native_bf16": native,
+        "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "native_bf16": native,
                     "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in load_end]},
         "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
         "variants": [summarize(v, infos[i], answers[i], profiles[i], args.warmup, peaks[i][1])
@@ -546,9 +543,9 @@ def measure_machine_peaks(variants: list[Variant], base: list[str], threads: int
         for v in variants:
             config = load_config(base + v.overrides)
             device_type = resolve_device_type(config.training.device_type)
+            procs = f", x {v.processes} processes" if v.processes > 1 else ""
             if device_type != "cpu":
-                out.append(("", "peak-FLOPs table (BF16)" + (f" x {v.processes} processes" if v.processes > 1
-                                                               else "")))
+                out.append(("", f"peak-FLOPs table (BF16){procs}"))
                 continue
             dtype = resolve_compute_dtype(config.training.dtype, device_type)
             per_process = threads if threads > 0 else max(1, (os.cpu_count() or v.processes) // v.processes)
@@ -557,7 +554,6 @@ def measure_machine_peaks(variants: list[Variant], base: list[str], threads: int
                 torch.set_num_threads(per_process)
                 done[key] = cpu_peak_flops(dtype, config.metrics.peak_flops, config.metrics.remeasure_peak)
             peak = done[key]
-            procs = f", x {v.processes} processes" if v.processes > 1 else ""
             out.append((repr(peak.flops), f"{str(dtype).removeprefix('torch.')} matmul peak, {per_process} "
                                           f"thread{'s' if per_process > 1 else ''} per process ({peak.source}){procs}"))
     finally:

@@ -15,6 +15,7 @@ process computes reads 4x low: cached, that one number made every later MFU prin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -50,22 +51,31 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_isa() -> str:
     """The most capable matmul instruction set the CPU advertises ('avx2', 'avx512_bf16', ...)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
-                 set())
     return next((f for f in ISA_FLAGS if f in flags), "baseline")
 
 
-def pick_matmul_size(dtype: torch.dtype) -> int:
-    """The size the peak is measured at: MATMUL_SIZE, or smaller where the CPU only emulates the dtype (bf16
+def pick_matmul_size(dtype: torch.dtype, largest: int = MATMUL_SIZE) -> int:
+    """The size the peak is measured at: `largest`, or smaller where the CPU only emulates the dtype (bf16
     without avx512_bf16 runs at ~1 GFLOP/s, so one 2048 x 2048 matmul would take 20 s)."""
-    size = SMALLEST_SIZE
-    while size < MATMUL_SIZE:
+    size = min(SMALLEST_SIZE, largest)
+    while size < largest:
         a = torch.randn(size, size).to(dtype)
         torch.mm(a, a)
         t0 = time.perf_counter()
@@ -77,10 +87,10 @@ def pick_matmul_size(dtype: torch.dtype) -> int:
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int | None = None, min_trials: int = MIN_TRIALS,
-                        min_seconds: float = MIN_TRIAL_SECONDS) -> float:
+                        min_seconds: float = MIN_TRIAL_SECONDS, largest: int = MATMUL_SIZE) -> float:
     """FLOP/s of a size x size matmul with the current thread count: the fastest trial after a warm-up, of at
-    least `min_trials` trials over at least `min_seconds`. size None: pick_matmul_size."""
-    size = size or pick_matmul_size(dtype)
+    least `min_trials` trials over at least `min_seconds`. size None: pick_matmul_size(dtype, largest)."""
+    size = size or pick_matmul_size(dtype, largest)
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     for _ in range(2):  # warm-up: kernel selection, page faults of the output, CPU frequency ramp

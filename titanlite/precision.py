@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from titanlite.cpu_peak import cpu_flags
 from titanlite.errors import UserError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 dot-product instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # not Linux: be conservative
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """True when the CPU advertises bf16 dot-product instructions (AVX512-BF16 or AMX); False off Linux."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def has_native_bf16(device_type: str) -> bool:
