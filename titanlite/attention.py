@@ -378,11 +378,39 @@ def _sdpa_banded(q, k, v, window: int, gqa: bool) -> torch.Tensor:
     return torch.cat([first, rest], dim=1)[:, :T]
 
 
+# CPU SDPA (flash_attention_for_cpu) scores a block of queries against key blocks of 512 and skips only key blocks
+# wholly in the queries' future: up to T = 512 causal attention costs what full attention does. Run as two query
+# halves, the first causal over the first half of the keys, the second against all keys with the bottom-right
+# causal mask, it does 3/4 of the scores. Measured fwd+bwd per layer (B T = 8192, 2 heads of 128, 2 threads,
+# AVX-512 bf16): T=512 83 -> 68 ms bf16, 95 -> 78 ms fp32; T=384 65 -> 56 / 71 -> 61 ms; T=256 about even; T >= 768
+# slower (the kernel's own block skipping already saves a quarter there). GPUs have causal kernels of their own.
+CPU_CAUSAL_HALVES = (384, 512)
+
+
+def uses_causal_halves(t: int, device_type: str) -> bool:
+    """True when full-context causal attention over t positions runs as two query halves (CPU, see above)."""
+    return device_type == "cpu" and CPU_CAUSAL_HALVES[0] <= t <= CPU_CAUSAL_HALVES[1]
+
+
+def _sdpa_causal_halves(q, k, v, gqa: bool) -> torch.Tensor:
+    """Causal attention on (B, H, T, D) as two query halves; returns (B, H, T, D)."""
+    h = q.size(2) // 2
+    first = F.scaled_dot_product_attention(q[:, :, :h], k[:, :, :h], v[:, :, :h], is_causal=True,
+                                           enable_gqa=gqa)
+    t = q.size(2)
+    second = F.scaled_dot_product_attention(q[:, :, h:], k, v, attn_mask=_window_mask(t - h, t, t, q.device),
+                                            enable_gqa=gqa)
+    return torch.cat([first, second], dim=2)
+
+
 def _sdpa(q, k, v, window: int) -> torch.Tensor:
     t_q, t_k = q.size(1), k.size(1)
     gqa = q.size(2) != k.size(2)
     if t_q == t_k and uses_banded_sdpa(t_q, window):
         return _sdpa_banded(q, k, v, window, gqa)
+    if t_q == t_k and window >= t_q - 1 and uses_causal_halves(t_q, q.device.type):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return _sdpa_causal_halves(q, k, v, gqa).transpose(1, 2)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     if t_q == t_k and window >= t_q - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -62,6 +62,36 @@ def test_sdpa_forward_and_gradients(t_q, t_k, h_kv, window):
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t,h_kv", [(40, 4), (41, 2), (48, 1)])  # even, odd T (unequal halves) with GQA, MQA
+def test_causal_query_halves_match_reference(monkeypatch, t, h_kv):
+    """Full-context CPU attention as two query halves (the second with the bottom-right causal mask), forced
+    on at small T: the same attention and gradients as the float64 reference."""
+    import titanlite.attention as attn
+
+    monkeypatch.setattr(attn, "CPU_CAUSAL_HALVES", (t, t))
+    assert attn.uses_causal_halves(t, "cpu") and not attn.uses_causal_halves(t, "cuda")
+    calls = []
+    real = attn.F.scaled_dot_product_attention
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    q, k, v = inputs(t_q=t, t_k=t, h_kv=h_kv)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out = attention(q, k, v, t, backend="sdpa")
+    assert [shape[2] for shape in calls] == [t // 2, t - t // 2]  # two query halves, not one causal call
+    ref = naive(q, k, v, t)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_query_halves_only_where_they_were_measured_faster():
+    from titanlite.attention import uses_causal_halves
+
+    assert [t for t in (256, 384, 512, 768, 1024, 2048) if uses_causal_halves(t, "cpu")] == [384, 512]
+
+
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # "called without torch.compile"
 @pytest.mark.parametrize("t_q,t_k,h_kv,window", [(256, 256, 4, 300), (256, 256, 4, 63), (128, 256, 2, 63)])
 def test_flex_forward_on_cpu(t_q, t_k, h_kv, window):

@@ -14,7 +14,7 @@ Not counted: the CUDA context and allocator fragmentation (budget a few GiB on a
 
 from __future__ import annotations
 
-from titanlite.attention import uses_banded_sdpa
+from titanlite.attention import uses_banded_sdpa, uses_causal_halves
 from titanlite.models.gpt.model import VE_GATE_CHANNELS, has_value_embedding, window_sizes
 from titanlite.models.gpt.ops import HEAD_CHUNK_ELEMENTS
 from titanlite.spec import MemoryEstimate, checkpointed_blocks
@@ -61,6 +61,12 @@ def banded_extra_per_token(seq_len: int, window: int, q_dim: int, kv_dim: int) -
     return rest * q_dim + 2 * 2 * rest * kv_dim + q_dim
 
 
+def causal_halves_extra_per_token(seq_len: int, window: int, q_dim: int) -> int:
+    """Extra elements per token a full-context layer keeps when CPU SDPA runs it as two query halves
+    (titanlite.attention): the two output halves, which SDPA's backward keeps, next to their concatenation."""
+    return q_dim if window >= seq_len - 1 and uses_causal_halves(seq_len, "cpu") else 0
+
+
 def _fp32_small_per_token_per_layer(n_head: int, n_kv_head: int) -> int:
     """fp32 statistics kept per token: rms_norm's rstd (2 block norms + per-head QK norms) and SDPA's logsumexp."""
     return FP32 * (2 + n_head + n_kv_head + n_head)
@@ -83,8 +89,9 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
         if i in checkpointed:  # only the block's inputs survive: mixed residual, the previous output, ve rows
             per_layer.append((2 * C + (kv_dim if ve else 0)) * compute_bytes)
         else:
-            if device_type == "cpu":  # CPU attention is SDPA: windows go through banded query blocks
-                full += banded_extra_per_token(plan.seq_len, windows[i], q_dim, kv_dim) * compute_bytes
+            if device_type == "cpu":  # CPU attention is SDPA: banded query blocks or causal query halves
+                full += (banded_extra_per_token(plan.seq_len, windows[i], q_dim, kv_dim)
+                         + causal_halves_extra_per_token(plan.seq_len, windows[i], q_dim)) * compute_bytes
             per_layer.append(full)
     # embedding -> norm -> smear (x0) at the bottom, backout + final norm at the top; the fused norm keeps the
     # embedding norm's output (which smear keeps too) instead of the raw embedding
