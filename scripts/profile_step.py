@@ -98,15 +98,18 @@ class _Labelled:
             return next(self._inner)
 
 
-def _label_head(model) -> None:
+def _label_head(model) -> bool:
+    """Record the head's forward under HEAD_LABEL; False where it cannot be (no lm_head, or a whole-model
+    compile: Dynamo drops record_function, and the head's ops are fused into the model's graphs anyway)."""
     from torch.profiler import record_function
 
     head = getattr(model, "lm_head", None)
-    if head is None:
-        return
+    if head is None or getattr(model, "_compiled_call_impl", None) is not None:
+        return False
     ranges = []
     head.register_forward_pre_hook(lambda *_: ranges.append(record_function(HEAD_LABEL).__enter__()))
     head.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None))
+    return True
 
 
 def format_report(buckets: dict, ops: dict, pairs: dict, wall: float, steps: int, tokens: int, top: int) -> str:
@@ -152,7 +155,7 @@ def main(argv: list[str]) -> int:
         return 2
     trainer.train_streams = {k: _Labelled(v, "__next__", DATA_LABEL) for k, v in trainer.train_streams.items()}
     trainer.optimizers = _Labelled(trainer.optimizers, "step", OPTIMIZER_LABEL)
-    _label_head(trainer.model)
+    head_labelled = _label_head(trainer.model)
     step = 0
     for step in range(args.warmup):
         trainer.train_step(step)
@@ -164,6 +167,8 @@ def main(argv: list[str]) -> int:
     buckets, ops, pairs = attribute(prof.events())
     print(f"CPU [{cpu_isa()}], {torch.get_num_threads()} threads, compute dtype "
           f"{str(trainer.compute_dtype).replace('torch.', '')}, load average {os.getloadavg()[0]:.2f}")
+    if not head_labelled:
+        print("(whole-model compile: the head's work is inside the compiled graphs, not a bucket of its own)")
     print(format_report(buckets, ops, pairs, wall, args.steps, trainer.plan.total_batch_size, args.top))
     trainer.close()
     return 0

@@ -34,6 +34,7 @@ from titanlite.data.epochs import repeat_warning
 from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
 from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
+from titanlite.parallelize import resolve_compile
 from titanlite.distributed import init_distributed, set_seed, teardown_distributed
 from titanlite.errors import UserError
 from titanlite.eval.bpb import evaluate_bpb
@@ -146,7 +147,15 @@ class Trainer:
 
     # ---- construction -----------------------------------------------------------------------------------
     def _build_model(self) -> None:
-        self.model = assemble_model(self.spec, self.plan.model_args, self.config, self.world, self.compute_dtype)
+        plan, world = self.plan, self.world
+        compile_cfg, line = resolve_compile(
+            self.config.compile, self.device.type, processes=world.world_size, compute_dtype=self.compute_dtype,
+            train_flops=float(plan.num_iterations) * plan.total_batch_size * plan.flops_per_token,
+            peak_flops=self.device_info.peak_flops)
+        if line:
+            logger.info(line)
+        config = dataclasses.replace(self.config, compile=compile_cfg)  # auto settled; the saved config keeps auto
+        self.model = assemble_model(self.spec, plan.model_args, config, world, self.compute_dtype)
         self.loss_fn = self.spec.loss
 
     def _build_optimizers(self) -> None:

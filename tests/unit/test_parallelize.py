@@ -112,11 +112,40 @@ def test_compile_switch():
         compile_enabled(CompileConfig(enabled="maybe"), "cpu")
 
 
+def test_auto_compile_on_cpu_only_where_it_pays_back():
+    """auto on CPU: the whole model for a one-process bf16 run estimated at 30+ min eagerly, i.e. training FLOPs
+    of at least 0.5 x peak x 1800 s; off for shorter, fp32 or multi-process runs; auto on CUDA: per block."""
+    from titanlite.parallelize import resolve_compile
+
+    peak = 4.0e11
+    at_threshold = 0.5 * peak * 1800  # FLOPs an eager run at half the peak trains in exactly 30 min
+    auto = CompileConfig(enabled="auto")
+
+    def choose(device="cpu", processes=1, dtype=torch.bfloat16, flops=at_threshold, cfg=auto):
+        resolved, line = resolve_compile(cfg, device, processes=processes, compute_dtype=dtype,
+                                         train_flops=flops, peak_flops=peak)
+        return resolved.enabled, resolved.scope, line
+
+    enabled, scope, line = choose()
+    assert (enabled, scope) == ("true", "model") and "whole model" in line and "about 30 min" in line
+    enabled, _, line = choose(flops=0.9 * at_threshold)
+    assert enabled == "false" and "about 27.0 min" in line and "--compile.enabled=true" in line
+    assert choose(dtype=torch.float32, flops=10 * at_threshold)[0] == "false"
+    assert choose(processes=2, flops=10 * at_threshold)[:2] == ("false", "blocks")
+    assert choose(device="cuda", flops=0.0)[:3] == ("true", "blocks", None)
+    # explicit choices are kept, with scope auto settled: the whole model on one CPU process, blocks with FSDP
+    assert choose(cfg=CompileConfig(enabled="true"), flops=0.0)[:2] == ("true", "model")
+    assert choose(cfg=CompileConfig(enabled="true"), processes=2, flops=0.0)[:2] == ("true", "blocks")
+    assert choose(cfg=CompileConfig(enabled="false"), flops=10 * at_threshold)[:3] == ("false", "model", None)
+    with pytest.raises(UserError, match="compile.scope"):
+        choose(cfg=CompileConfig(enabled="true", scope="layers"))
+
+
 def test_compiled_block_matches_eager():
     """The one compile test (cold compile ~20-40 s): a depth-1 model, AC on, compiled block vs eager."""
     args = dataclasses.replace(ARGS, n_layer=1)
     ref_loss, ref_grads = loss_and_grads(build(args))
-    model = build(args, compile_cfg=CompileConfig(enabled="true"), ac_mode="full")
+    model = build(args, compile_cfg=CompileConfig(enabled="true", scope="blocks"), ac_mode="full")
     assert type(model.blocks[0]).__name__ == "OptimizedModule"
     loss, grads = loss_and_grads(model)
     assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)

@@ -150,11 +150,13 @@ class ParallelismConfig:
 
 @dataclass(frozen=True)
 class CompileConfig:
-    enabled: str = opt("auto", "torch.compile each block (auto: on for CUDA)", choices=("auto", "true", "false"),
+    enabled: str = opt("auto", "torch.compile (auto: on for CUDA; on CPU for one-process bf16 runs expected to "
+                               "train 30+ min eagerly, where it pays back)", choices=("auto", "true", "false"),
                        loose=True)
-    scope: str = opt("blocks", "what compile covers: blocks (each block; FSDP's hooks stay outside the graphs) or "
-                               "model (the whole forward, embeddings and head included: more fusion, a longer "
-                               "compile, one process only)", choices=("blocks", "model"))
+    scope: str = opt("auto", "what compile covers: blocks (each block; FSDP's hooks stay outside the graphs), model "
+                             "(the whole forward, embeddings and head included: more fusion, a longer compile, one "
+                             "process only) or auto (model on one CPU process, blocks otherwise)",
+                     choices=("auto", "blocks", "model"))
 
 
 @dataclass(frozen=True)
