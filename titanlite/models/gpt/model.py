@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
-from titanlite.models.gpt.ops import (apply_rotary, fill_rope_tables, relu_squared, rms_norm,
+from titanlite.models.gpt.ops import (apply_rotary, embedding, fill_rope_tables, relu_squared, rms_norm,
                                      softcapped_cross_entropy)
 
 ROPE_BASE = 100_000
@@ -117,6 +117,14 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class Embedding(nn.Embedding):
+    """Token / value-embedding table whose backward sums row gradients in eager's fixed order, also inside a
+    compiled graph (ops.embedding), so a compiled run resumes bitwise. Called as a module: FSDP gathers it."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return embedding(self.weight, idx)
+
+
 class Unembedding(Linear):
     """lm_head: plain logits when called with x alone; with targets, the fused softcap + CE above.
 
@@ -209,8 +217,8 @@ class GPT(nn.Module):
         L, C, V = args.n_layer, args.n_embd, args.padded_vocab
         kv_dim = args.n_kv_head * args.head_dim
         self.windows = window_sizes(L, args.sequence_len, args.window_pattern)
-        self.wte = nn.Embedding(V, C)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+        self.wte = Embedding(V, C)
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim)
                                            for i in range(L) if has_value_embedding(i, L)})
         self.blocks = nn.ModuleList([Block(args, i, w) for i, w in enumerate(self.windows)])
         self.lm_head = Unembedding(C, V)

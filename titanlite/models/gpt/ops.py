@@ -95,6 +95,43 @@ def rms_norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return y * scale if scale != 1.0 else y
 
 
+@torch.library.custom_op("titanlite::embedding_row_grads", mutates_args=())
+def embedding_row_grads(grad: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """d(loss)/d(table) of an embedding lookup: aten's own kernel, as eager autograd runs it. A custom op is
+    opaque to inductor, which would otherwise lower it to an atomic scatter-add (see embedding)."""
+    return torch.ops.aten.embedding_dense_backward(grad, idx, num_rows, -1, False)
+
+
+@embedding_row_grads.register_fake
+def _(grad, idx, num_rows):
+    return grad.new_empty((num_rows, grad.size(-1)))
+
+
+class _Embedding(torch.autograd.Function):
+    """table[idx] whose backward is eager's fixed-order row sum even inside a compiled graph. Inductor's CPU
+    backward of an embedding scatter-adds the row gradients with atomics across threads, so their summation
+    order, and with it the weights, changed from run to run: under a whole-model compile a resumed run ended
+    1e-7 away from the uninterrupted one in wte and the value embeddings (eager resumes bitwise)."""
+
+    @staticmethod
+    def forward(ctx, table, idx):
+        ctx.save_for_backward(idx)
+        ctx.num_rows = table.size(0)
+        return F.embedding(idx, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return embedding_row_grads(grad.contiguous(), idx, ctx.num_rows), None
+
+
+def embedding(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """F.embedding(idx, table); on CPU with a deterministic backward under torch.compile (_Embedding)."""
+    if idx.device.type == "cpu" and torch.is_grad_enabled() and table.requires_grad:
+        return _Embedding.apply(table, idx)
+    return F.embedding(idx, table)
+
+
 class _ReluSquared(torch.autograd.Function):
     """relu(x)^2 with gradient 2 relu(x) g: two passes each way (eager relu + square + threshold_backward
     is six, and relu^2 is a third of a small model's non-matmul time)."""
