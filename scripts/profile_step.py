@@ -25,8 +25,8 @@ import sys
 import time
 from collections import defaultdict
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
-ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "flex_attention", "sdpa")
+from scripts.bench import ATTENTION_MARKERS, MATMUL_OPS  # the same split of ops the bench's profile makes
+
 CAST_OPS = {"aten::to", "aten::_to_copy"}
 OPTIMIZER_LABEL, DATA_LABEL, HEAD_LABEL = "titanlite::optimizer", "titanlite::data", "titanlite::head"
 # autograd node / custom-function names -> a readable bucket (the rest keep their op name)

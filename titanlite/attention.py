@@ -394,10 +394,10 @@ def uses_causal_halves(t: int, device_type: str) -> bool:
 
 def _sdpa_causal_halves(q, k, v, gqa: bool) -> torch.Tensor:
     """Causal attention on (B, H, T, D) as two query halves; returns (B, H, T, D)."""
-    h = q.size(2) // 2
+    t = q.size(2)
+    h = t // 2
     first = F.scaled_dot_product_attention(q[:, :, :h], k[:, :, :h], v[:, :, :h], is_causal=True,
                                            enable_gqa=gqa)
-    t = q.size(2)
     second = F.scaled_dot_product_attention(q[:, :, h:], k, v, attn_mask=_window_mask(t - h, t, t, q.device),
                                             enable_gqa=gqa)
     return torch.cat([first, second], dim=2)
@@ -408,11 +408,10 @@ def _sdpa(q, k, v, window: int) -> torch.Tensor:
     gqa = q.size(2) != k.size(2)
     if t_q == t_k and uses_banded_sdpa(t_q, window):
         return _sdpa_banded(q, k, v, window, gqa)
-    if t_q == t_k and window >= t_q - 1 and uses_causal_halves(t_q, q.device.type):
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        return _sdpa_causal_halves(q, k, v, gqa).transpose(1, 2)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if t_q == t_k and window >= t_q - 1:
+    if t_q == t_k and window >= t_q - 1 and uses_causal_halves(t_q, q.device.type):
+        y = _sdpa_causal_halves(q, k, v, gqa)
+    elif t_q == t_k and window >= t_q - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif t_q == 1 and window >= t_k - 1:  # one decoding query sees the whole cache
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

@@ -141,7 +141,7 @@ def apply_compile(model: nn.Module, scope: str = "blocks", sharded: bool = False
         logger.info("torch.compile: the whole model")
         return
     if scope != "blocks":
-        raise UserError(f"compile.scope = {scope!r} is not supported; use blocks or model (or auto)")
+        raise UserError(f"compile.scope = {scope!r} is not supported; use blocks or model")
     for name, block in list(model.blocks.named_children()):
         model.blocks.register_module(name, torch.compile(block, dynamic=False))
     logger.info(f"torch.compile: {len(model.blocks)} blocks")

@@ -34,7 +34,6 @@ from titanlite.data.epochs import repeat_warning
 from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
 from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
-from titanlite.parallelize import resolve_compile
 from titanlite.distributed import init_distributed, set_seed, teardown_distributed
 from titanlite.errors import UserError
 from titanlite.eval.bpb import evaluate_bpb
@@ -46,6 +45,7 @@ from titanlite.logging_utils import init_logger, logger
 from titanlite.metrics import MetricsLogger, describe_device, format_step_line, peak_memory_mib
 from titanlite.models import get_train_spec
 from titanlite.optim import build_optimizers
+from titanlite.parallelize import resolve_compile
 from titanlite.paths import cache_dir
 from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
 from titanlite.run_lock import RunLock
