@@ -45,7 +45,7 @@ from titanlite.logging_utils import init_logger, logger
 from titanlite.metrics import MetricsLogger, describe_device, format_step_line, peak_memory_mib
 from titanlite.models import get_train_spec
 from titanlite.optim import build_optimizers
-from titanlite.parallelize import resolve_compile
+from titanlite.parallelize import resolve_compile, set_replica_all_reduce
 from titanlite.paths import cache_dir
 from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
 from titanlite.run_lock import RunLock
@@ -272,7 +272,9 @@ class Trainer:
         self.optimizers.zero_grad(set_to_none=True)
         global_tokens = self.plan.total_batch_size  # no ignored targets in training rows
         step_loss = torch.zeros((), device=self.device, dtype=torch.float32)
-        for loader in self.train_streams.values():
+        loaders = list(self.train_streams.values())
+        for micro, loader in enumerate(loaders):
+            set_replica_all_reduce(self.model, micro == len(loaders) - 1)  # HSDP: across replicas once per step
             inputs, targets = next(loader)
             loss_sum = self.loss_fn(self.model, inputs, targets)
             (loss_sum / global_tokens).backward()

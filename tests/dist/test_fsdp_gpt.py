@@ -24,7 +24,7 @@ from titanlite.config.sections import (ActivationCheckpointConfig, CheckpointCon
 from titanlite.distributed import init_distributed, set_seed
 from titanlite.models.gpt.model import GPT, GPTArgs
 from titanlite.models.gpt.parallelize import parallelize_gpt
-from titanlite.parallelize import materialize
+from titanlite.parallelize import materialize, set_replica_all_reduce
 from titanlite.models.gpt.spec import GPT_SPEC
 from titanlite.optim import build_optimizers
 from titanlite.spec import LRScales
@@ -91,6 +91,26 @@ def train_steps(model, optimizers, world, first: int, last: int) -> list[float]:
     return losses
 
 
+def train_steps_accumulated(model, optimizers, world, first: int, last: int) -> list[float]:
+    """train_steps with each rank's rows as one-row micro-steps, all-reducing across replicas on the last only
+    (as Trainer.train_step does under HSDP)."""
+    rows = GLOBAL_ROWS // world.world_size
+    losses = []
+    for step in range(first, last + 1):
+        inputs, targets = global_batch(step)
+        optimizers.zero_grad()
+        total = torch.zeros(())
+        for micro in range(rows):
+            set_replica_all_reduce(model, micro == rows - 1)
+            row = world.rank * rows + micro
+            loss = model(inputs[row:row + 1], targets[row:row + 1], loss_reduction="sum") / GLOBAL_TOKENS
+            loss.backward()
+            total += loss.detach()
+        optimizers.step(step - 1)
+        losses.append(world.all_reduce_sum(total).item())
+    return losses
+
+
 def full_params(model) -> dict[str, str]:
     """Exact fingerprints (sha256 of the bytes) of the full parameters: small enough to send between processes."""
     out = {}
@@ -128,7 +148,10 @@ def _two_ranks(rank, world_size, single_dir, fsdp_dir):
     model, optimizers = build(hsdp)
     placements = str(model.blocks[0].attn.c_q.weight.placements)
     hsdp_losses = train_steps(model, optimizers, hsdp, 1, 4)
+    model, optimizers = build(hsdp)
+    hsdp_accumulated = train_steps_accumulated(model, optimizers, hsdp, 1, 4)
     return {"losses": losses, "saved": saved_params, "hsdp": (placements, hsdp_losses), "loaded": loaded_params,
+            "hsdp_accumulated": hsdp_accumulated,
             "resumed": resumed,
             "stream": st["dataloader"], "train_step": st["train_state"].step}
 
@@ -184,6 +207,13 @@ def test_two_ranks_follow_the_single_process_loss_curve(runs):
 def test_hsdp_mesh_follows_the_same_curve(runs):
     placements, losses = runs.two[0]["hsdp"]
     assert placements == "(Replicate(), Shard(dim=0))"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs.losses[:4]), rtol=1e-4, atol=0)
+
+
+def test_hsdp_with_accumulation_all_reducing_once_per_step_follows_the_same_curve(runs):
+    """Non-final micro-steps skip the cross-replica all-reduce; the accumulated shards are still all-reduced
+    in full on the last one, so the curve is the single process's."""
+    losses = runs.two[0]["hsdp_accumulated"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs.losses[:4]), rtol=1e-4, atol=0)
 
 

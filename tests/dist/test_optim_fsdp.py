@@ -153,7 +153,7 @@ def _two_rank_worker(rank, world_size, save_dir, single_dir, reference):
     counts = optimizers.muon.orthogonalized_matrices
     muon = optimizers.muon
     owned = [{"shape": (layout.rows, layout.cols), "matrices": layout.num_matrices,
-              "owned": (layout.owned.start, layout.owned.stop), "rows_per_rank": layout.rows_per_rank(),
+              "owned": list(layout.owned), "rows_per_rank": layout.rows_per_rank(),
               # measured: the rows FSDP2 really left on this rank, for every matrix of the group
               "local_rows": [p.to_local().shape[0] for p in group["params"]]}
              for layout, group in zip(muon.layouts, muon.param_groups)]
@@ -214,34 +214,35 @@ def _block_shape_groups():
     return dict(sorted(groups.items()))
 
 
-def _expected_layouts(world):
-    """Per rank, per shape group (sorted shapes), from the two rules written out here:
-    - ownership: a group of K matrices is cut into contiguous chunks of ceil(K / world) matrices, chunk r on rank r;
-    - FSDP2 Shard(0) (torch.chunk): ceil(rows / world) rows per rank, the last rank(s) hold what is left."""
-    out = []
-    for rank in range(world):
-        layouts = []
-        for (rows, cols), k in _block_shape_groups().items():
-            per_rank = -(-k // world)
-            start, stop = min(k, rank * per_rank), min(k, (rank + 1) * per_rank)
-            row_chunk = -(-rows // world)
-            rows_per_rank = [max(0, min(row_chunk, rows - r * row_chunk)) for r in range(world)]
-            layouts.append({"shape": (rows, cols), "matrices": k, "owned": (start, stop),
-                            "rows_per_rank": rows_per_rank, "local_rows": [rows_per_rank[rank]] * k})
-        out.append(layouts)
-    return out
+def _polar_express_flops(rows, cols):
+    """Matmul FLOPs of one Polar Express iteration, written out: with m = min(rows, cols), n = max, the Gram
+    matrix X X^T is (m x n)(n x m): 2 m^2 n; its polynomial b A + c A^2 costs the (m x m)(m x m) product, 2 m^3;
+    the update (a I + B) X is (m x m)(m x n): 2 m^2 n."""
+    m, n = min(rows, cols), max(rows, cols)
+    return 2 * m * m * n + 2 * m ** 3 + 2 * m * m * n
 
 
 def test_each_rank_orthogonalises_only_its_share(runs):
     # The stand-in's blocks: attn/proj (32, 32), fc (64, 32), out (32, 64), gate (3, 8), three of each per block.
-    assert _block_shape_groups() == {(3, 8): 3, (32, 32): 6, (32, 64): 3, (64, 32): 3}
-    expected = _expected_layouts(2)
-    # (3, 8) x 3 over 2 ranks: matrices 0-1 on rank 0, 2 on rank 1; rows 2 + 1 (the uneven FSDP2 shard)
-    assert expected[0][0]["owned"] == (0, 2) and expected[1][0]["owned"] == (2, 3)
-    assert expected[0][0]["rows_per_rank"] == [2, 1]
-    assert [r["owned"] for r in runs.ranks] == expected
-    owned_per_rank = [sum(stop - start for start, stop in (g["owned"] for g in layouts)) for layouts in expected]
-    assert owned_per_rank == [2 + 3 + 2 + 2, 1 + 3 + 1 + 1]
+    groups = _block_shape_groups()
+    assert groups == {(3, 8): 3, (32, 32): 6, (32, 64): 3, (64, 32): 3}
+    shapes = list(groups)
+    owned = [[g["owned"] for g in r["owned"]] for r in runs.ranks]
+    # every matrix of every group has exactly one owner
+    for i, (shape, k) in enumerate(groups.items()):
+        assert sorted(owned[0][i] + owned[1][i]) == list(range(k)), shape
+    # FSDP2 Shard(0) (torch.chunk): ceil(rows / 2) rows on rank 0, the rest on rank 1 - e.g. (3, 8): 2 + 1
+    for rank, result in enumerate(runs.ranks):
+        for (rows, _), layout in zip(shapes, result["owned"]):
+            expected = [-(-rows // 2), rows - -(-rows // 2)]
+            assert layout["rows_per_rank"] == expected
+            assert layout["local_rows"] == [expected[rank]] * groups[(rows, _)]
+    # balanced by Polar Express FLOPs across the groups: by hand, the 6 rectangular (4 m^2 n + 2 m^3 = 327,680)
+    # and 6 square (6 m^3 = 196,608) matrices split 3 + 3 each way, the 3 gates (342) 2 + 1
+    loads = [sum(_polar_express_flops(*shape) * len(group) for shape, group in zip(shapes, mine)) for mine in owned]
+    assert sorted(loads) == [3 * 327_680 + 3 * 196_608 + 342, 3 * 327_680 + 3 * 196_608 + 2 * 342]
+    owned_per_rank = [sum(len(group) for group in mine) for mine in owned]
+    assert sorted(owned_per_rank) == [7, 8]
     assert [r["counts"] for r in runs.ranks] == [n * STEPS for n in owned_per_rank]
     assert sum(r["counts"] for r in runs.ranks) == runs.single_counts == 15 * STEPS
 
@@ -250,9 +251,12 @@ def test_hsdp_meshes_match_one_process(runs):
     for result in runs.ranks:
         for mesh_shape, (max_diffs, _) in result["hsdp"].items():
             _assert_close(max_diffs)
-    # Shard dim of 2: the work is split as on a 1-D mesh; shard dim of 1: every replica does all of it.
-    assert [r["hsdp"][(1, 2)][1] for r in runs.ranks] == [9 * STEPS, 6 * STEPS]
-    assert [r["hsdp"][(2, 1)][1] for r in runs.ranks] == [15 * STEPS, 15 * STEPS]
+    # Shard dim of 2: the work is split as on a 1-D mesh; shard dim of 1 (two replicas): the replicas split it
+    # the same way instead of each doing all 15 matrices
+    one_d = [r["counts"] for r in runs.ranks]
+    assert [r["hsdp"][(1, 2)][1] for r in runs.ranks] == one_d
+    assert [r["hsdp"][(2, 1)][1] for r in runs.ranks] == one_d
+    assert sum(one_d) == 15 * STEPS
 
 
 def test_checkpoint_from_one_process_resumes_on_two(runs):

@@ -3,10 +3,12 @@
 One param group per distinct shape (sorted by shape). Per step and group:
 1. Nesterov momentum on the local row shards (elementwise, so it needs no communication):
    buf <- mu*buf + (1-mu)*g,  u = (1-mu)*g + mu*buf; u cast to the compute dtype (bf16 halves the traffic too).
-2. all_to_all: the owner of each matrix receives its whole u (each rank owns a disjoint chunk of the group).
+2. all_to_all: the owner of each matrix receives its whole u. Every matrix has one owner in the whole mesh,
+   replicas included, chosen for all shape groups together so the Polar Express work is balanced
+   (sharded_matrices.assign_owners).
 3. The owner computes the direction (MuonEq, normalise, Polar Express, Muon+ rescale, NorMuon) for its
    matrices only (`orthogonalized_matrices` counts them).
-4. all_to_all back: every rank receives its rows of every update.
+4. all_to_all back: every rank (of every replica) receives its rows of every update.
 5. Cautious weight decay + update on the local shard (elementwise again):
    mask = (update * p >= 0);  p <- p - lr_eff*update - lr_eff*wd*p*mask,  lr_eff = lr*sqrt(max(1, rows/cols)).
 Exchanges are asynchronous and all groups are in flight together, so communication overlaps the math.
@@ -26,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from titanlite.optim.muon_math import muon_direction, second_moment_shape
-from titanlite.optim.sharded_matrices import GroupLayout, describe_group, gather_owned, local_tensor, scatter_updates
+from titanlite.optim.sharded_matrices import (GroupLayout, assign_owners, describe_group, gather_owned, local_tensor,
+                                              scatter_updates)
 from titanlite.optim.state_io import copy_state_into
 
 
@@ -57,6 +60,7 @@ class Muon(torch.optim.Optimizer):
                                       ns_steps=ns_steps))
         self.compute_dtype = compute_dtype
         self._layouts: list[GroupLayout] = [describe_group(g["params"]) for g in self.param_groups]
+        assign_owners(self._layouts)
         self._second_moments: list[torch.Tensor] = []
         for group, layout in zip(self.param_groups, self._layouts):
             for p in group["params"]:
@@ -101,7 +105,7 @@ class Muon(torch.optim.Optimizer):
             directions.append(grad.lerp(buf, mu).to(self.compute_dtype))
         return directions
 
-    def _apply_updates(self, group: dict, layout: GroupLayout, local_updates: torch.Tensor) -> None:
+    def _apply_updates(self, group: dict, layout: GroupLayout, local_updates) -> None:
         lr_eff = group["lr"] * math.sqrt(max(1.0, layout.rows / layout.cols))
         wd = group["weight_decay"]
         for p, update in zip(group["params"], local_updates):
@@ -121,9 +125,10 @@ class Muon(torch.optim.Optimizer):
         """(K, r, c) NorMuon buffers of the whole group: owners fill their chunk, a sum assembles the rest."""
         layout, owned = self._layouts[index], self._second_moments[index]
         full = owned.new_zeros((layout.num_matrices, *owned.shape[1:]))
-        full[layout.owned.start:layout.owned.stop] = owned
+        if layout.owned:
+            full[torch.tensor(layout.owned, device=full.device)] = owned
         if layout.distributed:
-            dist.all_reduce(full, group=layout.process_group)
+            dist.all_reduce(full, group=layout.exchange_group)
         return full
 
     def state_dict(self) -> dict:
@@ -149,5 +154,5 @@ class Muon(torch.optim.Optimizer):
                 saved = state_dict[key]
                 copy_state_into(self.state[p]["momentum_buffer"], saved["momentum_buffer"], f"{key}.momentum_buffer")
                 if i in owned:
-                    copy_state_into(self._second_moments[index][i - owned.start], saved["second_momentum_buffer"],
+                    copy_state_into(self._second_moments[index][owned.index(i)], saved["second_momentum_buffer"],
                                     f"{key}.second_momentum_buffer")

@@ -1,20 +1,26 @@
 """Move whole matrices of a Shard(0) shape group to the rank that owns them, and the updates back.
 
-FSDP2 leaves every matrix row-sharded across the shard mesh dim (torch.chunk sizes: ceil(rows/W) rows per
-rank, the last ranks may hold fewer or none). Muon needs whole matrices, so each shape group of K matrices is
-split into contiguous chunks of ceil(K/W) matrices and rank r owns chunk r (as the reference does). One
-all_to_all sends every row shard to the owner of its matrix; after the owner computes the updates, a second
-all_to_all sends each rank the rows of every matrix it holds. Each direction moves one copy of the group's
-data in total, against W copies for an all_gather of every matrix.
+FSDP2 leaves every matrix row-sharded across the shard mesh dim (torch.chunk sizes: ceil(rows/S) rows per
+rank, the last ranks may hold fewer or none). Muon needs whole matrices, so every matrix has one owner among the
+"workers": all ranks of the mesh, replicas included (worker id = rank in the exchange group). Owners are chosen
+for all shape groups together (`assign_owners`: largest Polar Express cost first, onto the least-loaded worker),
+so no rank takes a matrix of every group while others idle. Per step: one all_to_all inside the shard group sends
+every row shard to the owner of its matrix (only matrices owned in this replica: each replica computes its share
+and nothing twice); after the owner computes the updates, a second all_to_all over the exchange group sends every
+rank, in every replica, its rows of each update. Each direction moves one copy of the data per replica, against
+S copies for an all_gather of every matrix.
 
-HSDP (a 2-D mesh with Replicate on the other dim) works the same inside each shard group: FSDP has already
-averaged the gradients across replicas, so the replicas compute identical updates.
+HSDP (a 2-D mesh with Replicate on the other dim): FSDP has already all-reduced the gradients across replicas,
+so any replica's rows are the full gradient's rows; spreading the matrices over the R replicas divides the
+orthogonalisation work per rank by R, at the same bytes received per rank.
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,46 +32,105 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def owned_range(num_matrices: int, world: int, rank: int) -> range:
-    """The contiguous chunk of a group's matrix indices that `rank` orthogonalises."""
-    chunk = math.ceil(num_matrices / world)
-    return range(min(num_matrices, rank * chunk), min(num_matrices, (rank + 1) * chunk))
-
-
 def chunk_rows(rows: int, world: int) -> list[int]:
     """Rows held by each rank under Shard(0) (torch.chunk semantics, like DTensor and FSDP2)."""
     chunk = math.ceil(rows / world)
     return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
 
 
+def polar_express_cost(rows: int, cols: int) -> int:
+    """FLOPs of one Polar Express iteration on a (rows, cols) matrix, m = min, n = max: the Gram matrix (2 m^2 n),
+    its polynomial (2 m^3) and the product with X (2 m^2 n). The per-matrix work Muon's owners split."""
+    m, n = min(rows, cols), max(rows, cols)
+    return 4 * m * m * n + 2 * m ** 3
+
+
+def balanced_owners(shapes: list[tuple[int, int, int]], workers: int) -> list[list[int]]:
+    """Owner worker of each matrix, for shape groups [(rows, cols, count)], over `workers` workers.
+
+    Longest-processing-time first: matrices by decreasing cost (ties: group order, then index) each go to the
+    least-loaded worker (ties: the lowest id). Deterministic, so every rank computes the same owners.
+    """
+    items = sorted(((polar_express_cost(r, c), g, i) for g, (r, c, k) in enumerate(shapes) for i in range(k)),
+                   key=lambda item: (-item[0], item[1], item[2]))
+    owners = [[0] * k for _, _, k in shapes]
+    loads = [(0, w) for w in range(workers)]  # a heap of (load, worker)
+    for cost, g, i in items:
+        load, worker = heapq.heappop(loads)
+        owners[g][i] = worker
+        heapq.heappush(loads, (load + cost, worker))
+    return owners
+
+
 @dataclass
 class GroupLayout:
-    """How one shape group of K (rows, cols) matrices is spread over the shard process group."""
+    """How one shape group of K (rows, cols) matrices is spread over the mesh.
+
+    Workers are the ranks of `exchange_group` (all mesh ranks, every replica); `shard_of[w]` and `replica_of[w]`
+    are worker w's coordinates. `process_group` is this rank's shard group (the row shards live there).
+    """
 
     num_matrices: int
     rows: int
     cols: int
-    process_group: object | None  # None: everything local (plain tensors or a 1-rank shard dim)
-    world: int
-    rank: int
+    process_group: object | None  # None: everything local (plain tensors, or a single worker)
+    world: int                    # shard degree S
+    rank: int                     # this rank's index in its shard group
+    exchange_group: object | None = None
+    shard_of: tuple[int, ...] = (0,)
+    replica_of: tuple[int, ...] = (0,)
+    worker: int = 0               # this rank's worker id
+    owners: tuple[int, ...] = field(default=())
 
     @property
     def distributed(self) -> bool:
-        return self.process_group is not None
+        return self.exchange_group is not None
 
     @property
-    def owned(self) -> range:
-        return owned_range(self.num_matrices, self.world, self.rank)
+    def workers(self) -> int:
+        return len(self.shard_of)
+
+    @property
+    def owned(self) -> list[int]:
+        """The matrix indices (group order) this rank orthogonalises."""
+        return self.owned_by(self.worker)
+
+    def owned_by(self, worker: int) -> list[int]:
+        return self._by_worker[worker] if worker < len(self._by_worker) else []
+
+    @functools.cached_property
+    def _by_worker(self) -> list[list[int]]:
+        """Matrix indices per worker; computed once, after assign_owners (every step reads it)."""
+        owners = self.owners or (0,) * self.num_matrices
+        by_worker: list[list[int]] = [[] for _ in range(self.workers)]
+        for m, w in enumerate(owners):
+            by_worker[w].append(m)
+        return by_worker
 
     def rows_per_rank(self) -> list[int]:
         return chunk_rows(self.rows, self.world)
 
-    def owned_count(self, rank: int) -> int:
-        return len(owned_range(self.num_matrices, self.world, rank))
+    def owned_count(self, worker: int) -> int:
+        return len(self.owned_by(worker))
+
+
+_EXCHANGE_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _exchange_group(ranks: list[int]):
+    """A process group of exactly `ranks`: the default group when they are the whole world (no new group, no
+    new sockets), else one new group per rank set, made once."""
+    if ranks == list(range(dist.get_world_size())):
+        return dist.group.WORLD
+    key = tuple(ranks)
+    if key not in _EXCHANGE_GROUPS:
+        _EXCHANGE_GROUPS[key] = dist.new_group(ranks=list(key))
+    return _EXCHANGE_GROUPS[key]
 
 
 def describe_group(params: list[torch.Tensor]) -> GroupLayout:
-    """Work out the layout of a shape group; every param in it must be placed the same way."""
+    """Work out the layout of a shape group (owners are assigned later, for all groups together); every param in
+    it must be placed the same way."""
     rows, cols = params[0].shape
     first = params[0]
     if not isinstance(first, DTensor):
@@ -80,16 +145,47 @@ def describe_group(params: list[torch.Tensor]) -> GroupLayout:
     if any(not isinstance(pl, (Shard, Replicate)) for pl in placements) or len(shard_dims) > 1 or \
             any(placements[i].dim != 0 for i in shard_dims):
         raise ValueError(f"Muon supports Shard(0) on one mesh dim (FSDP2 / HSDP); got placements {placements}")
-    if not shard_dims or mesh.size(shard_dims[0]) == 1:
+    if mesh.size() == 1:
         return GroupLayout(len(params), rows, cols, None, 1, 0)
-    mesh_dim = shard_dims[0]
-    layout = GroupLayout(len(params), rows, cols, mesh.get_group(mesh_dim), mesh.size(mesh_dim),
-                         mesh.get_local_rank(mesh_dim))
+    mesh_ranks = mesh.mesh.flatten().tolist()
+    coordinates = {}  # global rank -> (shard index, replica index): the replica index numbers the other dims
+    for flat, global_rank in enumerate(mesh_ranks):
+        coords = list(torch.unravel_index(torch.tensor(flat), tuple(mesh.mesh.shape)))
+        shard = int(coords.pop(shard_dims[0])) if shard_dims else 0
+        others = [mesh.mesh.shape[d] for d in range(mesh.ndim) if not shard_dims or d != shard_dims[0]]
+        replica = 0
+        for c, size in zip(coords, others):
+            replica = replica * size + int(c)
+        coordinates[global_rank] = (shard, replica)
+    ranks = sorted(mesh_ranks)  # a process group's ranks are in global rank order: worker id = position here
+    shard_of = tuple(coordinates[r][0] for r in ranks)
+    replica_of = tuple(coordinates[r][1] for r in ranks)
+    shard_group = mesh.get_group(shard_dims[0]) if shard_dims and mesh.size(shard_dims[0]) > 1 else None
+    replicated = max(replica_of) > 0
+    layout = GroupLayout(
+        len(params), rows, cols, shard_group,
+        mesh.size(shard_dims[0]) if shard_dims else 1, mesh.get_local_rank(shard_dims[0]) if shard_dims else 0,
+        exchange_group=_exchange_group(ranks) if replicated else shard_group, shard_of=shard_of,
+        replica_of=replica_of,
+        worker=ranks.index(dist.get_rank()))
     expected = layout.rows_per_rank()[layout.rank]
     if first.to_local().shape[0] != expected:
         raise ValueError(f"local shard of a ({rows}, {cols}) parameter has {first.to_local().shape[0]} rows, "
                          f"expected {expected} (torch.chunk layout)")
     return layout
+
+
+def assign_owners(layouts: list[GroupLayout]) -> None:
+    """Set every layout's owners, balancing the Polar Express cost over the workers across all groups that share
+    one set of workers (in practice: all of them)."""
+    by_workers: dict[tuple, list[GroupLayout]] = {}
+    for layout in layouts:
+        by_workers.setdefault((layout.shard_of, layout.replica_of), []).append(layout)
+    for same in by_workers.values():
+        owners = balanced_owners([(g.rows, g.cols, g.num_matrices) for g in same], same[0].workers)
+        for layout, group_owners in zip(same, owners):
+            layout.owners = tuple(group_owners)
+            layout.__dict__.pop("_by_worker", None)
 
 
 class PendingExchange:
@@ -105,8 +201,13 @@ class PendingExchange:
         return self._finish(self._output)
 
 
+def _cat(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(pieces) if pieces else like.new_empty(0)
+
+
 def gather_owned(layout: GroupLayout, local_shards: list[torch.Tensor]) -> PendingExchange:
-    """Start sending every local row shard to the owner of its matrix.
+    """Start sending the local row shards of the matrices owned in this replica to their owners (inside the shard
+    group); matrices owned in other replicas are not sent: their owners there have the same rows.
 
     Result: (n_owned, rows, cols) whole matrices this rank owns (local stack when not distributed).
     """
@@ -114,9 +215,15 @@ def gather_owned(layout: GroupLayout, local_shards: list[torch.Tensor]) -> Pendi
         return PendingExchange(None, torch.stack(local_shards), lambda out: out)
     rows_per_rank, cols = layout.rows_per_rank(), layout.cols
     my_rows, n_owned = rows_per_rank[layout.rank], len(layout.owned)
-    # Ownership is contiguous in matrix order, so "for each destination, its matrices" is plain matrix order.
-    send = torch.cat([s.reshape(-1) for s in local_shards])
-    send_splits = [layout.owned_count(d) * my_rows * cols for d in range(layout.world)]
+    if layout.process_group is None:  # a shard group of one (pure replication): the local rows are whole matrices
+        owned = [local_shards[m] for m in layout.owned]
+        stacked = torch.stack(owned) if owned else local_shards[0].new_empty((0, layout.rows, cols))
+        return PendingExchange(None, stacked, lambda out: out)
+    replica = layout.replica_of[layout.worker]
+    peers = {layout.shard_of[w]: w for w in range(layout.workers) if layout.replica_of[w] == replica}
+    per_dest = [layout.owned_by(peers[d]) for d in range(layout.world)]
+    send = _cat([local_shards[m].reshape(-1) for matrices in per_dest for m in matrices], local_shards[0])
+    send_splits = [len(matrices) * my_rows * cols for matrices in per_dest]
     recv_splits = [n_owned * r * cols for r in rows_per_rank]
     recv = send.new_empty(sum(recv_splits))
     work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=layout.process_group, async_op=True)
@@ -129,18 +236,26 @@ def gather_owned(layout: GroupLayout, local_shards: list[torch.Tensor]) -> Pendi
 
 
 def scatter_updates(layout: GroupLayout, owned_updates: torch.Tensor) -> PendingExchange:
-    """Start sending each rank its rows of every updated matrix this rank owns.
+    """Start sending every rank of every replica its rows of each updated matrix this rank owns.
 
-    Result: (K, local_rows, cols) update rows for every matrix of the group, in group order.
+    Result: the (local_rows, cols) update rows of every matrix of the group, in group order (views of the
+    received buffer, or the local stack when not distributed).
     """
     if not layout.distributed:
         return PendingExchange(None, owned_updates, lambda out: out)
-    rows_per_rank, cols = layout.rows_per_rank(), layout.cols
+    rows_per_rank, cols, K = layout.rows_per_rank(), layout.cols, layout.num_matrices
     my_rows, n_owned = rows_per_rank[layout.rank], len(layout.owned)
-    row_blocks = owned_updates.split(rows_per_rank, dim=1)
-    send = torch.cat([block.reshape(-1) for block in row_blocks])
-    send_splits = [n_owned * r * cols for r in rows_per_rank]
-    recv_splits = [layout.owned_count(s) * my_rows * cols for s in range(layout.world)]
+    row_blocks = [block.reshape(-1) for block in owned_updates.split(rows_per_rank, dim=1)]
+    send = _cat([row_blocks[layout.shard_of[w]] for w in range(layout.workers)], owned_updates)
+    send_splits = [n_owned * rows_per_rank[layout.shard_of[w]] * cols for w in range(layout.workers)]
+    arrival = [m for w in range(layout.workers) for m in layout.owned_by(w)]  # matrices in the order they arrive
+    recv_splits = [layout.owned_count(w) * my_rows * cols for w in range(layout.workers)]
     recv = owned_updates.new_empty(sum(recv_splits))
-    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=layout.process_group, async_op=True)
-    return PendingExchange(work, recv, lambda out: out.view(layout.num_matrices, my_rows, cols), send)
+    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=layout.exchange_group, async_op=True)
+    position = {m: i for i, m in enumerate(arrival)}
+
+    def in_group_order(out: torch.Tensor) -> list[torch.Tensor]:
+        received = out.view(K, my_rows, cols).unbind(0)
+        return [received[position[m]] for m in range(K)]
+
+    return PendingExchange(work, recv, in_group_order, send)

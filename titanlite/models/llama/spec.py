@@ -62,9 +62,10 @@ def optimizer_groups(optimizer_cfg, scales: LRScales) -> dict[str, GroupSettings
 
 def parallelize_llama(model, world, compile_cfg, float8_cfg, ac_cfg, param_dtype=torch.float32,
                       reduce_dtype=torch.float32):
-    """The token embedding is an FSDP unit of its own; the head stays gathered from forward to backward."""
+    """The token embedding is an FSDP unit of its own, not gathered again for backward (its backward never reads
+    the table); the head stays gathered from forward to backward."""
     return parallelize(model, world, compile_cfg, float8_cfg, ac_cfg, param_dtype, reduce_dtype,
-                       fsdp_units=(model.wte,), fsdp_gathered_units=(model.lm_head,))
+                       fsdp_embedding_units=lambda m: (m.wte,), fsdp_gathered_units=lambda m: (m.lm_head,))
 
 
 LLAMA_SPEC = TrainSpec(
