@@ -11,8 +11,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from titanlite.attention import select_attention_backend
 from titanlite.distributed import WorldInfo
+from titanlite.kernel_choice import agree_attention_backend
 from titanlite.logging_utils import logger
 from titanlite.parallelize import materialize
 from titanlite.spec import TrainSpec
@@ -30,8 +30,9 @@ def assemble_model(spec: TrainSpec, args, config, world: WorldInfo, compute_dtyp
     for an evaluation whose dtype differs from the training one). init=False allocates without drawing weights
     (a checkpoint is loaded over them). announce_kernel=False: no attention-kernel lines (export runs no forward).
     """
-    backend, lines = select_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
-                                              spec.window_pattern(args))
+    # decided by rank 0 and loaded exactly by every rank (collective when distributed)
+    backend, lines = agree_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
+                                             spec.window_pattern(args))
     for line in lines if announce_kernel else ():
         logger.info(line)
     model = spec.build_meta_model(args)

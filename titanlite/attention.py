@@ -85,7 +85,8 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _load_fa3_hub():
+def _load_fa3_hub(probe: bool = True):
+    """probe=False skips the has_kernel question: another rank already found the build (kernel_choice)."""
     try:
         kernels = importlib.import_module("kernels")
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
@@ -93,7 +94,7 @@ def _load_fa3_hub():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     offline = _hub_offline()
     has_kernel = getattr(kernels, "has_kernel", None)
-    if has_kernel is not None and not offline:
+    if has_kernel is not None and not offline and probe:
         found, error, timed_out = _call_with_deadline(
             lambda: has_kernel(FA3_HUB_REPO, revision=FA3_HUB_REVISION), HUB_PROBE_TIMEOUT_S)
         if timed_out:
@@ -160,11 +161,12 @@ class Candidate:
     backend: str   # the name attention() runs it under
     label: str     # how the start-up line names it
     needs: Callable[[str, torch.dtype], str]  # "" when this device and dtype can run it, else why not
-    load: Callable[[], tuple] | None          # () -> (flash_attn_func, "") or (None, why not)
+    load: Callable[..., tuple] | None         # () -> (flash_attn_func, "") or (None, why not)
+    probes: bool = False                      # load takes probe=: whether to ask a remote first (the hub)
 
 
 CHAIN = (
-    Candidate("fa3", "FA3 (kernel hub)", _needs_gpu(9, 9, "a Hopper GPU", True), _load_fa3_hub),
+    Candidate("fa3", "FA3 (kernel hub)", _needs_gpu(9, 9, "a Hopper GPU", True), _load_fa3_hub, probes=True),
     Candidate("fa3", "FA3 (flash_attn_interface)", _needs_gpu(9, 9, "a Hopper GPU", True), _load_fa3_interface),
     Candidate("fa4", "FA4 (flash-attn-4)", _needs_gpu(FA4_MIN_CAPABILITY, None, "a Hopper or Blackwell GPU", True),
               _load_fa4),
@@ -185,13 +187,13 @@ def reset_kernels() -> None:
     _SOURCES.clear()
 
 
-def _try(candidate: Candidate, device_type: str, dtype: torch.dtype) -> str:
+def _try(candidate: Candidate, device_type: str, dtype: torch.dtype, probe: bool = True) -> str:
     """"" when `candidate` can run here (its kernel is then registered for attention()), else why not."""
     why = candidate.needs(device_type, dtype)
     if why or candidate.load is None:
         return why
     if candidate.label not in _LOADED:
-        _LOADED[candidate.label] = candidate.load()
+        _LOADED[candidate.label] = candidate.load(probe=probe) if candidate.probes else candidate.load()
     fn, why = _LOADED[candidate.label]
     if fn is not None and candidate.backend not in _KERNELS:
         _KERNELS[candidate.backend] = fn
@@ -211,6 +213,23 @@ def backend_available(name: str, device_type: str, dtype: torch.dtype) -> tuple[
                 return True, ""
             reasons.append(f"{candidate.label}: {why}")
     return False, "; ".join(reasons)
+
+
+def chosen_label(backend: str) -> str:
+    """The chain entry that provides `backend` in this process (after select_attention_backend chose it)."""
+    return _SOURCES.get(backend) or next(c.label for c in CHAIN if c.backend == backend)
+
+
+def load_chosen(label: str, device_type: str, dtype: torch.dtype) -> str:
+    """Load exactly the chain entry `label` (another rank's choice), with no fallthrough and no remote probe;
+    "" when it runs here (its kernel is registered for attention()), else why not."""
+    candidate = next((c for c in CHAIN if c.label == label), None)
+    if candidate is None:
+        return f"{label!r} is not an attention kernel this titanlite knows"
+    if _SOURCES.get(candidate.backend) not in (None, label):
+        _KERNELS.pop(candidate.backend)  # the same backend from another loader: take the chosen one
+        _SOURCES.pop(candidate.backend)
+    return _try(candidate, device_type, dtype, probe=False)
 
 
 def _grouped(skipped: list[tuple[str, str]]) -> str:
@@ -264,7 +283,12 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
     else:
         lines = [f"WARNING: Flash Attention 3 not available, {_FALLBACK_TEXT[name]}. "
                  f"Training will be less efficient.{tail}"]
-    if name == "sdpa" and has_short:
+    if name == "sdpa" and has_short and device_type == "cpu":  # the seed's GPU warning does not apply here
+        lines.append(f"Attention on CPU: SDPA runs the sliding-window layers (pattern {window_pattern}) as banded "
+                     f"query blocks, each scoring only the keys of its window (windows of {MIN_BANDED_WINDOW}+ "
+                     "tokens that fit twice in the context; smaller ones with a mask), and full-context layers "
+                     "with SDPA's causal kernel")
+    elif name == "sdpa" and has_short:
         lines.append(f"WARNING: SDPA has no support for sliding window attention (pattern {window_pattern}); "
                      "falling back to a masked path. GPU utilization will be terrible. Use --window-pattern L "
                      "(model.window_pattern = \"L\") for full context attention without Flash Attention 3.")

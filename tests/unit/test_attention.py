@@ -116,10 +116,19 @@ def test_select_on_cpu_warns_and_prefers_sdpa():
                         "Training will be less efficient. Skipped: FA3 (kernel hub), FA3 (flash_attn_interface), "
                         "FA4 (flash-attn-4), flash-attn 2: no CUDA GPU; flex_attention: no backward on cpu in "
                         "this PyTorch (forward only).")
-    assert lines[1].startswith("WARNING: SDPA has no support for sliding window attention (pattern SSSL)")
-    assert "GPU utilization will be terrible" in lines[1] and "--window-pattern L" in lines[1]
+    # on CPU the seed's GPU warning about SDPA and sliding windows does not apply: the line says what runs
+    assert lines[1].startswith("Attention on CPU: SDPA runs the sliding-window layers (pattern SSSL) as banded "
+                               "query blocks")
+    assert not any("GPU utilization" in line for line in lines)
     name, lines = select_attention_backend("auto", "cpu", torch.bfloat16, "L")
     assert name == "sdpa" and len(lines) == 1
+
+
+def test_forced_sdpa_on_a_gpu_keeps_the_seed_warning_about_sliding_windows():
+    name, lines = select_attention_backend("sdpa", "cuda", torch.bfloat16, "SSSL")
+    assert name == "sdpa"
+    assert lines[1].startswith("WARNING: SDPA has no support for sliding window attention (pattern SSSL)")
+    assert "GPU utilization will be terrible" in lines[1] and "--window-pattern L" in lines[1]
 
 
 @pytest.mark.parametrize("forced", ["fa3", "fa4", "flash_attn", "flex"])

@@ -347,7 +347,9 @@ class GPT(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         head_class = getattr(self.lm_head, "float8_origin", type(self.lm_head))  # its class before a float8 swap
-        if reduction in ("sum", "mean") and issubclass(head_class, Unembedding):
+        # the fused head: training's sums, and evaluation's per-token losses (val_bpb) chunk by chunk
+        fused = reduction in ("sum", "mean") or (reduction == "none" and not torch.is_grad_enabled())
+        if fused and issubclass(head_class, Unembedding):
             return self.lm_head(x, targets=targets, softcap=self.args.softcap, vocab_size=self.args.vocab_size,
                                 reduction=reduction)
         logits = self.logits(x)

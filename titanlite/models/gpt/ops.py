@@ -217,19 +217,18 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap: float, vocab_size: int, chunk_rows: int, vocab_dim: int = 1):
-        n_rows = x.size(0)
-        w_v = weight[:vocab_size]
+        # narrow/split rather than [a:b] indexing, which fake CUDA tensors (the simulator's) do not support
+        w_v = weight.narrow(0, 0, vocab_size)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_w_v = grad_w[:vocab_size]
+        grad_w_v = grad_w.narrow(0, 0, vocab_size)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, n_rows, chunk_rows):
-            x_c, tgt = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+        for x_c, tgt, grad_x_c in zip(x.split(chunk_rows), targets.split(chunk_rows), grad_x.split(chunk_rows)):
             loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
             total += loss.sum()
             grad = grad.to(x.dtype)
             rows_major = grad if vocab_dim == 1 else grad.t()      # (rows, vocab) views of the logit gradient
-            torch.mm(rows_major, w_v, out=grad_x[start:start + chunk_rows])
+            torch.mm(rows_major, w_v, out=grad_x_c)
             if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
                 grad_w_v.addmm_(rows_major.t(), x_c)
             else:
@@ -249,16 +248,27 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
 
 def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
                              vocab_size: int, reduction: str = "mean") -> torch.Tensor:
-    """CE of softcap(x @ weight[:vocab].T) against targets (ignore_index -1), reduction "sum" or "mean"."""
+    """CE of softcap(x @ weight[:vocab].T) against targets (ignore_index -1), reduction "sum", "mean" or "none".
+
+    "none" (per-token losses, 0 for ignored targets, shaped like targets) is for evaluation: it runs the same row
+    chunks without a gradient, so val_bpb never holds more than a chunk of logits (the unfused path would hold
+    several fp32 (tokens, vocab) copies: ~17 GB at d26, device batch 16, T 2048).
+    """
     x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     chunk_rows = _head_chunk_rows(vocab_size, x.device.type)
     vocab_dim = VOCAB_DIM.get(x.device.type, 1)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad and reduction != "none":
         total = _FusedSoftcapCrossEntropy.apply(x2, weight, t2, softcap, vocab_size, chunk_rows, vocab_dim)
+    elif needs_grad:
+        raise ValueError("softcapped_cross_entropy(reduction='none') has no backward; run it under no_grad")
     else:
-        total = sum(_softcap_ce_chunk(x2[s:s + chunk_rows], weight[:vocab_size], t2[s:s + chunk_rows], softcap,
-                                      want_grad=False, vocab_dim=vocab_dim)[0].sum()
-                    for s in range(0, x2.size(0), chunk_rows))
+        w_v = weight.narrow(0, 0, vocab_size)
+        losses = [_softcap_ce_chunk(x_c, w_v, t_c, softcap, want_grad=False, vocab_dim=vocab_dim)[0]
+                  for x_c, t_c in zip(x2.split(chunk_rows), t2.split(chunk_rows))]
+        if reduction == "none":
+            return torch.cat(losses).reshape(targets.shape)
+        total = sum(loss.sum() for loss in losses)
     if reduction == "sum":
         return total
     return total / (t2 >= 0).sum()  # mean over non-ignored tokens, like F.cross_entropy (no host sync)

@@ -28,6 +28,8 @@ VOCAB_MULTIPLE = 64
 # RoPE tables cover 10x the training context, as GPT's do: generation may run past T, and CORE scores few-shot
 # prompts whole up to this length
 ROPE_CONTEXT_MULTIPLE = 10
+# per-token evaluation losses (val_bpb) form the head's logits this many elements at a time: 512 MiB of fp32
+EVAL_CHUNK_ELEMENTS = 1 << 27
 INIT_STD = 0.02  # every block linear; the two residual-stream outputs are further scaled by 1/sqrt(2 L)
 
 
@@ -248,12 +250,23 @@ class Llama(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if targets is not None and loss_reduction == "none" and not torch.is_grad_enabled():
+            return self._token_losses(x, targets)
         logits = self.lm_head(x)[..., :self.args.vocab_size].float()  # crop the vocab padding
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.reshape(targets.shape) if loss_reduction == "none" else loss
+
+    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (evaluation, no gradient) in row chunks: never more than a chunk's fp32 logits
+        (the whole batch's would be tokens x vocab x 4 bytes, several times over)."""
+        x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        rows = max(1, EVAL_CHUNK_ELEMENTS // self.args.padded_vocab)
+        losses = [F.cross_entropy(self.lm_head(x2[s:s + rows])[..., :self.args.vocab_size].float(), t2[s:s + rows],
+                                  ignore_index=-1, reduction="none") for s in range(0, x2.size(0), rows)]
+        return torch.cat(losses).reshape(targets.shape)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         a = self.args
