@@ -29,7 +29,7 @@ from titanlite.assemble import assemble_model
 from titanlite.checkpoint import CheckpointManager, raise_agreed, remove_interrupted_saves
 from titanlite.cli import Stop, run_cli
 from titanlite.config import config_to_toml, help_text, load_config
-from titanlite.data.corpora import prepare_corpus, prepare_tokenizer
+from titanlite.data.corpora import prepare_corpus, prepare_tokenizer, resolve_data_dir, resolve_tokenizer_dir
 from titanlite.data.epochs import repeat_warning
 from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
@@ -50,6 +50,8 @@ from titanlite.paths import cache_dir
 from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
 from titanlite.run_lock import RunLock
 from titanlite.scaling import derive_plan, format_plan
+from titanlite.shared_fs import check_run_folder_shared, check_same_files
+from titanlite.step_control import StepControl
 from titanlite.train_state import TrainState
 
 TIMING_WARMUP_STEPS = 10  # total_training_time skips steps 0-10 (compile/warm-up), as the leaderboard does
@@ -95,12 +97,16 @@ class Trainer:
         # One run per run folder, settled before anything is written into it.
         self.run_dir = Path(cfg.job.dump_folder) / (cfg.checkpoint.model_tag or f"d{cfg.model.depth}")
         self._lock_run_dir()
+        check_run_folder_shared(self.run_dir)  # rank 0 alone publishes checkpoints there: every node must see it
 
         # Data first: the tokenizer fixes the vocab size the plan depends on. Rank 0 prepares, the rest wait.
         if self.is_main:
             self.data_dir = prepare_corpus(cfg.data)
             self.tokenizer = prepare_tokenizer(cfg.data)
         world.barrier()
+        check_same_files([("the corpus folder", resolve_data_dir(cfg.data), "data.data_dir (or $TITANLITE_HOME)"),
+                          ("the tokenizer folder", resolve_tokenizer_dir(cfg.data),
+                           "data.tokenizer_dir (or $TITANLITE_HOME)")])  # before other nodes build their own
         if not self.is_main:
             self.data_dir = prepare_corpus(cfg.data)
             self.tokenizer = prepare_tokenizer(cfg.data)
@@ -127,9 +133,9 @@ class Trainer:
         self._sigterm_armed = (cfg.checkpoint.enabled and cfg.checkpoint.save_on_sigterm
                                and threading.current_thread() is threading.main_thread())
         self._sigterm_received = False
-        self._control_group = None  # CPU gloo group for the per-step stop/publish decision (_step_boundary)
-        if world.is_distributed and (self._sigterm_armed or self.checkpointer.async_enabled):
-            self._control_group = dist.new_group(backend="gloo")
+        # the stop/publish decision between steps, agreed across ranks every few steps (_step_boundary)
+        self.step_control = StepControl(world.is_distributed, self.is_main,
+                                        self._sigterm_armed or self.checkpointer.async_enabled)
         self.resumed_step = self._maybe_resume()
 
     def _lock_run_dir(self) -> None:
@@ -308,18 +314,13 @@ class Trainer:
         """Between steps: publish a finished async save, and return whether any rank got SIGTERM.
 
         Both are decided on all ranks together, so every rank publishes, saves and stops at the same step (the
-        save is collective). With several processes that is one all-reduce of two ints per step on a CPU gloo
-        group: about 0.1 ms and no device sync, small next to a step; per step rather than per logging step,
-        because a preemption notice leaves seconds (torchrun waits 30 s by default before SIGKILL).
+        save is collective): with several processes one small all-reduce on a CPU group, about once a second
+        (titanlite.step_control), not every step.
         """
         pending = self.checkpointer.pending_done()
-        if not self._sigterm_armed and pending is None:
+        if not self._sigterm_armed and pending is None or not self.step_control.due(self.state.step):
             return False
-        stop, unfinished = self._sigterm_received, pending is False
-        if self._control_group is not None:
-            flags = torch.tensor([int(stop), int(unfinished)], dtype=torch.int64)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control_group)
-            stop, unfinished = (bool(v) for v in flags.tolist())  # a CPU tensor: no device sync
+        stop, unfinished = self.step_control.agree(self.state.step, self._sigterm_received, pending is False)
         if pending is not None and not unfinished:
             self.checkpointer.wait()  # prints "checkpoint saved", or raises the failure as one line
         return stop
