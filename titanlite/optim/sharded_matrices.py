@@ -114,18 +114,16 @@ class GroupLayout:
         return len(self.owned_by(worker))
 
 
-_EXCHANGE_GROUPS: dict[tuple[int, ...], object] = {}
-
-
-def _exchange_group(ranks: list[int]):
-    """A process group of exactly `ranks`: the default group when they are the whole world (no new group, no
-    new sockets), else one new group per rank set, made once."""
+def _exchange_group(mesh, ranks: list[int]):
+    """A process group of exactly the mesh's `ranks`: the default group when they are the whole world (no new
+    group, no new sockets), else one new group, made once per mesh."""
     if ranks == list(range(dist.get_world_size())):
         return dist.group.WORLD
-    key = tuple(ranks)
-    if key not in _EXCHANGE_GROUPS:
-        _EXCHANGE_GROUPS[key] = dist.new_group(ranks=list(key))
-    return _EXCHANGE_GROUPS[key]
+    group = getattr(mesh, "_titanlite_muon_exchange_group", None)
+    if group is None:
+        group = dist.new_group(ranks=ranks)
+        mesh._titanlite_muon_exchange_group = group
+    return group
 
 
 def describe_group(params: list[torch.Tensor]) -> GroupLayout:
@@ -165,7 +163,7 @@ def describe_group(params: list[torch.Tensor]) -> GroupLayout:
     layout = GroupLayout(
         len(params), rows, cols, shard_group,
         mesh.size(shard_dims[0]) if shard_dims else 1, mesh.get_local_rank(shard_dims[0]) if shard_dims else 0,
-        exchange_group=_exchange_group(ranks) if replicated else shard_group, shard_of=shard_of,
+        exchange_group=_exchange_group(mesh, ranks) if replicated else shard_group, shard_of=shard_of,
         replica_of=replica_of,
         worker=ranks.index(dist.get_rank()))
     expected = layout.rows_per_rank()[layout.rank]
