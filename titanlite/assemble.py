@@ -32,7 +32,7 @@ def assemble_model(spec: TrainSpec, args, config, world: WorldInfo, compute_dtyp
     """
     # decided by rank 0 and loaded exactly by every rank (collective when distributed)
     backend, lines = agree_attention_backend(config.model.attention_backend, world.device.type, compute_dtype,
-                                             spec.window_pattern(args))
+                                             spec.window_pattern(args), distributed=world.is_distributed)
     for line in lines if announce_kernel else ():
         logger.info(line)
     model = spec.build_meta_model(args)

@@ -16,17 +16,15 @@ from titanlite.attention import chosen_label, load_chosen, select_attention_back
 from titanlite.errors import UserError
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def agree_attention_backend(requested: str, device_type: str, dtype: torch.dtype,
-                            window_pattern: str) -> tuple[str, list[str]]:
+def agree_attention_backend(requested: str, device_type: str, dtype: torch.dtype, window_pattern: str,
+                            distributed: bool = True) -> tuple[str, list[str]]:
     """(backend, start-up lines) as select_attention_backend returns them, the same on every rank.
 
-    Collective when a process group exists: every rank must call it.
+    Collective when `distributed` and a process group of several ranks exists: every rank must call it. A
+    one-process assembly inside a distributed job (distributed=False) decides alone.
     """
-    if not _distributed():
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not (distributed and several):
         return select_attention_backend(requested, device_type, dtype, window_pattern)
     decision: list[dict | None] = [None]
     if dist.get_rank() == 0:
