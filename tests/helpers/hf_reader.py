@@ -39,6 +39,15 @@ for job in jobs["models"]:
                 # eos_token_id=None: the comparison is 32 tokens whatever they are (<|bos|> included)
                 new = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
                 results[f"{job['name']}/generate/{key}"] = new[:, ids.size(1):].contiguous()
+        if job.get("padded_batch"):  # two prompts in one batch, the shorter left-padded (pad id 0, masked out)
+            short, long = (load_file(job["prompts"])[key][0] for key in job["padded_batch"])
+            batch = torch.zeros(2, long.numel(), dtype=torch.long)
+            mask = torch.zeros_like(batch)
+            batch[0, -short.numel():], mask[0, -short.numel():] = short, 1
+            batch[1], mask[1] = long, 1
+            new = model.generate(batch, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+            results[f"{job['name']}/padded_batch"] = new[:, long.numel():].contiguous()
 
 if jobs.get("tokenizer"):
     spec = jobs["tokenizer"]

@@ -122,7 +122,8 @@ def _prepare(root: Path):
                 references[name] = {key: (model(ids), list(generate(model, ids[0].tolist(), 32)))
                                     for key, ids in prompts.items()}
             jobs.append({"name": name, "folder": str(root / f"{name.replace(family, family + '-hf', 1)}"),
-                         "dtype": "float32", "prompts": str(root / "prompts.safetensors"), "generate": True})
+                         "dtype": "float32", "prompts": str(root / "prompts.safetensors"), "generate": True,
+                         "padded_batch": ["len1", "len300"] if name.endswith("full") else None})
         jobs.append({"name": f"{family}-bf16", "folder": str(root / f"{family}-hf-bf16"), "dtype": "bfloat16",
                      "prompts": str(root / "prompts.safetensors"), "generate": False})
 
@@ -175,7 +176,11 @@ def test_transformers_logits_and_greedy_tokens_equal_titanlite(runs, name):
         diff = (logits - expected_logits).abs().max().item()
         assert diff <= 1e-4 * scale, (key, diff, scale)
         assert runs["read"][f"{name}/generate/{key}"][0].tolist() == expected_tokens, key
-    if name.endswith("full"):  # the re-drawn weights do reach the softcap's bend
+    if name.endswith("full"):
+        # a batch with the 1-token prompt left-padded to 300 generates what each prompt does alone
+        batch = runs["read"][f"{name}/padded_batch"].tolist()
+        assert batch == [runs["references"][name]["len1"][1], runs["references"][name]["len300"][1]]
+    if name == "gpt-full":  # the re-drawn weights do reach the softcap's bend
         assert 5 < runs["references"][name]["len300"][0].abs().max().item() < 15
 
 
