@@ -14,6 +14,12 @@ next document within the item) *and* the identities (file, row group, doc) of th
 buffer order. Loading re-reads and re-tokenises those documents, which rebuilds the buffer bit for bit. The state
 is a snapshot taken right after each batch was packed and travels with the batch through the prefetch queue, so
 `state_dict()` always describes the batches already handed out, never the ones prefetched.
+
+Why a thread and a queue of our own and not torchdata.nodes (Prefetcher, PinMemory): a version on torchdata's
+Prefetcher (commit 776c45a) kept every resume test exact but measured no faster (interleaved bench_loader pairs at
+prefetch 2: 0.94x the tokens/s, slower in 10 of 16 pairs, contended 2-core machine), needed torchdata's private
+thread handles to wait for the packing thread before a restore, and re-raises a thread's exception as a new one
+with the traceback in its message (a user error would no longer be one line).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import queue
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -29,10 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from torchdata.nodes import Prefetcher
-
 from titanlite.data import shards
-from titanlite.data.nodes import PackedBatches, PackingFailure
 from titanlite.data.tokenizer import Tokenizer
 from titanlite.errors import UserError
 from titanlite.logging_utils import logger
@@ -310,12 +315,15 @@ class RowStream:
                                "order continues, but not as the original run would have")
 
 
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 class PackingLoader:
     """Infinite iterator of (inputs, targets), each (B, T) int64 on `device`. Stateful and exact.
 
     A batch stacks the next rows of `streams` (ids among `num_streams`), batch_size / len(streams) rows each.
-    The packing is a torchdata.nodes source (data/nodes.py) behind a `Prefetcher` (`prefetch` batches ahead in a
-    thread; 0: packed on demand).
     """
 
     def __init__(self, data_dir: Path, split: str, tokenizer: Tokenizer, batch_size: int, seq_len: int,
@@ -340,83 +348,105 @@ class PackingLoader:
         self.streams = [RowStream(self.index, g, num_streams, tokenizer, seq_len, buffer_docs, max(1, threads))
                         for g in streams]
         self.buffer_docs = self.streams[0].buffer_docs
+        self.batches = 0
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self._source = PackedBatches(self.streams, batch_size, seq_len, self._pin)
-        self._node = None  # started by the first batch; None again after close, a failure or a load
-        self._initial_state = self._source.get_state()
-        self._consumed = self._initial_state  # source state after the last batch handed out
-        self._source_at_consumed = True  # False once the source may have packed past it (or failed)
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._restore_pending = False
+        self._initial_state = self._snapshot()
+        self._consumed = self._initial_state
+
+    # ---- packing (producer side) ------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {"batches": self.batches, "streams": [s.snapshot() for s in self.streams]}
+
+    def _produce(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for i, stream in enumerate(self.streams):
+            stream.pack(rows[i * self.width:(i + 1) * self.width])
+        self.batches += 1
+        state = self._snapshot()
+        T = self.seq_len
+        if self._pin:
+            inputs = torch.empty((self.batch_size, T), dtype=torch.int64, pin_memory=True)
+            targets = torch.empty((self.batch_size, T), dtype=torch.int64, pin_memory=True)
+            inputs.numpy()[:] = rows[:, :T]
+            targets.numpy()[:] = rows[:, 1:]
+        else:
+            inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :T]))
+            targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
+        return inputs, targets, state
+
+    def _stop_producer(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            if self.batches != self._consumed["batches"]:
+                self._restore_pending = True  # packed ahead but never handed out: rewind before going on
+        self._thread, self._queue = None, None
+        self._stop = threading.Event()
 
     # ---- consumer side ------------------------------------------------------------------------------------
     def __iter__(self) -> "PackingLoader":
         return self
 
-    def _start(self) -> None:
-        """Begin (again) right after the last batch handed out: batches packed ahead and never handed out, and
-        a failed batch's half-used buffers, are rewound by restoring that state."""
-        state = None if self._source_at_consumed else self._portable(self._consumed)
-        if self.prefetch <= 0:
-            self._source.reset(state)
-            self._node = self._source
-        else:
-            self._node = Prefetcher(self._source, self.prefetch)  # one queued snapshot per batch
-            self._node.reset(None if state is None else {"snapshot": state, "steps_since_snapshot": 0})
-            self._node._it._thread.name = f"titanlite-loader-{self.split}-s{self.streams[0].stream}"
-        self._source_at_consumed = False
-
-    @staticmethod
-    def _portable(state: dict, exact: bool = True) -> dict:
-        return {"batches": state["batches"], "exact": exact,
-                "streams": {k: RowStream.portable(v) for k, v in state["streams"].items()}}
-
-    def _consumed_state(self) -> dict:
-        if self._node is self._source:
-            return self._source.get_state()
-        state = self._node.get_state()
-        assert state["steps_since_snapshot"] == 0  # every batch is queued with its snapshot
-        return state["snapshot"]
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._node is None:
-            self._start()
-        item = next(self._node)
-        if isinstance(item, PackingFailure):
-            self._stop()
-            raise item.exc
-        self._consumed = self._consumed_state()
-        inputs, targets = item
+        if self._restore_pending:
+            self._restore(self._consumed)
+        if self.prefetch <= 0:
+            inputs, targets, state = self._produce()
+        else:
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=_producer_main,
+                                                args=(weakref.ref(self), self._queue, self._stop),
+                                                name=f"titanlite-loader-{self.split}-s{self.streams[0].stream}",
+                                                daemon=True)
+                self._thread.start()
+            item = self._queue.get()
+            if isinstance(item, _Failure):
+                self._thread.join()
+                self._thread, self._queue = None, None
+                self._restore_pending = True  # the failed batch may have left the buffers half used
+                raise item.exc
+            inputs, targets, state = item
+        self._consumed = state
         if self.device.type != "cpu":
             inputs = inputs.to(self.device, non_blocking=self._pin)
             targets = targets.to(self.device, non_blocking=self._pin)
         return inputs, targets
 
-    def _stop(self) -> None:
-        """Stop the prefetch thread and wait for it: nothing may pack while the streams are restored."""
-        node, self._node = self._node, None
-        if isinstance(node, Prefetcher) and node._it is not None:
-            node._it._stop_event.set()
-            node._it._thread.join()
-
     def close(self) -> None:
-        self._stop()
+        self._stop_producer()
+
+    def __del__(self):
+        try:
+            self._stop.set()
+        except Exception:
+            pass
 
     # ---- Stateful -------------------------------------------------------------------------------------------
     def stream_states(self) -> dict[int, dict]:
         """Per stream id, its JSON-able state after the last batch handed out (prefetched ones not counted)."""
-        return {k: RowStream.portable(v) for k, v in self._consumed["streams"].items()}
+        return {s["stream"]: RowStream.portable(s) for s in self._consumed["streams"]}
 
     def load_stream_states(self, states: dict[int, dict], exact: bool = True) -> None:
         """Continue every stream from its state (`exact`: see RowStream.restore)."""
-        self._stop()
+        self._stop_producer()
+        self._restore_pending = False
         for stream in self.streams:
             if stream.stream not in states:
                 raise UserError(f"data loader state has no data stream {stream.stream}; resume with the same "
                                 f"global batch (training.total_batch_size) or start a fresh run")
-        rows = max(int(states[s.stream]["rows"]) for s in self.streams)
-        self._source.reset({"batches": rows // self.width, "exact": exact,
-                            "streams": {s.stream: states[s.stream] for s in self.streams}})
-        self._consumed = self._source.get_state()
-        self._source_at_consumed = True
+            stream.restore(states[stream.stream], exact)
+        self.batches = max(s.rows for s in self.streams) // self.width
+        self._consumed = self._snapshot()
+
+    def _restore(self, snapshot: dict) -> None:
+        self.load_stream_states({s["stream"]: RowStream.portable(s) for s in snapshot["streams"]})
+        self.batches = snapshot["batches"]
+        self._consumed = self._snapshot()
 
     def state_dict(self) -> dict:
         """State after the last batch handed out (prefetched batches are not counted)."""
@@ -434,30 +464,53 @@ class PackingLoader:
             logger.warning(f"warning: the {self.split} shards changed since the data loader state was saved; the "
                            f"streams continue at their saved positions with fresh buffers (approximate)")
         self.load_stream_states({int(k): v for k, v in state["streams"].items()}, exact)
-        self._source.batches = self._consumed["batches"] = state["batches"]
+        self.batches = state["batches"]
+        self._consumed = self._snapshot()
 
     def reset(self) -> None:
         """Back to the very first batch (the validation loader does this before every evaluation)."""
-        self._stop()
-        self._consumed = self._initial_state
-        self._source_at_consumed = False
+        self._restore(self._initial_state)
 
     # ---- reporting -------------------------------------------------------------------------------------------
     def position(self) -> dict:
         """Where the first stream's last handed-out rows came from: epoch, shard index/name, row group."""
-        first = self.streams[0]
-        item = self._consumed["streams"][first.stream]["item"]
-        stream = first.docs
+        item = self._consumed["streams"][0]["item"]
+        stream = self.streams[0].docs
         file, rg, _, _ = stream.item_at(item)
         return {"epoch": stream.epoch_of(item), "shard": file, "shard_name": self.paths[file].name,
                 "row_group": rg}
 
     def stats(self) -> dict:
-        states = list(self._consumed["streams"].values())
+        states = self._consumed["streams"]
         kept = sum(s["tokens_kept"] for s in states)
         read = sum(s["tokens_read"] for s in states)
         return {"tokens_kept": kept, "tokens_read": read, "utilisation": kept / read if read else 0.0,
                 "batches": self._consumed["batches"], "skipped_docs": sum(s["skipped"] for s in states)}
+
+
+def _producer_main(loader_ref: "weakref.ref[PackingLoader]", out: queue.Queue, stop: threading.Event) -> None:
+    """Background packing. Holds the loader only while packing, so a dropped loader (e.g. a val loader
+    rebuilt at every evaluation) is garbage collected and its thread ends instead of leaking."""
+    try:
+        while not stop.is_set():
+            loader = loader_ref()
+            if loader is None:
+                return
+            item = loader._produce()
+            del loader
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as exc:  # handed to the consumer, which raises it in the training thread
+        while not stop.is_set():
+            try:
+                out.put(_Failure(exc), timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
 
 def build_loader(data_dir: Path, split: str, tokenizer: Tokenizer, batch_size: int, seq_len: int, rank: int = 0,
