@@ -61,6 +61,8 @@ if jobs.get("tokenizer"):
         "decoded_with_specials": [tok.decode(ids) for ids in encoded],
         "special_ids": {name: tok.convert_tokens_to_ids(name) for name in spec["specials"]},
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "padded": tok(spec["texts"][:2], padding=True)["input_ids"],
+        "padded_mask": tok(spec["texts"][:2], padding=True)["attention_mask"],
     }
 
 report["titanlite_loaded_later"] = any(name.split(".")[0] == "titanlite" for name in sys.modules)

@@ -208,6 +208,11 @@ def test_tokenizer_encodes_and_decodes_as_titanlite(runs):
         assert report["ids_no_specials"][i] == ids, (i, text[:80])
         assert report["decoded"][i] == text == tok.decode(ids), (i, text[:80])
         assert report["decoded_with_specials"][i] == "<|bos|>" + text
+    # a padded batch: left padding with <|bos|> (the vocab has no pad token), masked out
+    width = max(len(report["ids"][0]), len(report["ids"][1]))
+    for ids, padded, mask in zip(report["ids"][:2], report["padded"], report["padded_mask"]):
+        assert padded == [bos] * (width - len(ids)) + ids and mask == [0] * (width - len(ids)) + [1] * len(ids)
+    assert len(report["ids"][0]) != len(report["ids"][1])
     # literal special-token text is ordinary text in both (titanlite's Tokenizer.encode never emits a special)
     literal = texts[1000 + 4]
     assert not set(report["ids"][1000 + 4][1:]) & set(tok.special_tokens.values()) and "<|bos|>" in literal

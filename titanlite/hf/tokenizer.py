@@ -115,6 +115,9 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: in
         "bos_token": BOS,
         # documents are packed as <|bos|> doc <|bos|> doc ..., so the model ends a document by predicting <|bos|>
         "eos_token": BOS,
+        # no pad token in the vocab: padding reuses <|bos|> (masked out), on the left as batched generation needs
+        "pad_token": BOS,
+        "padding_side": "left",
         "add_bos_token": True,
         "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
@@ -126,7 +129,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: in
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-    special_map = {"bos_token": BOS, "eos_token": BOS,
+    special_map = {"bos_token": BOS, "eos_token": BOS, "pad_token": BOS,
                    "additional_special_tokens": [name for name, _ in specials if name != BOS]}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
