@@ -95,8 +95,9 @@ def write_hf_folder(out_dir: Path, spec: TrainSpec, args, weights: dict[str, tor
     hf = spec.to_hf(args, weights)
     bos = tokenizer.bos_token_id
     # documents are packed as <|bos|> doc <|bos|> doc ...: predicting <|bos|> ends a document
-    config = {**hf.config, "bos_token_id": bos, "eos_token_id": bos, "torch_dtype": dtype}
-    generation = {"bos_token_id": bos, "eos_token_id": bos}
+    # and padding reuses it (the vocab has no pad token; pad = eos keeps generate from guessing masks from ids)
+    config = {**hf.config, "bos_token_id": bos, "eos_token_id": bos, "pad_token_id": bos, "torch_dtype": dtype}
+    generation = {"bos_token_id": bos, "eos_token_id": bos, "pad_token_id": bos}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
