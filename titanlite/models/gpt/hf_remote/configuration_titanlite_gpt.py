@@ -26,7 +26,8 @@ class TitanliteGPTConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         # a query at position p sees keys p - window .. p (window + 1 keys) in that layer
-        self.window_sizes = list(window_sizes) if window_sizes is not None else [training_sequence_len] * num_hidden_layers
+        self.window_sizes = (list(window_sizes) if window_sizes is not None else
+                             [training_sequence_len] * num_hidden_layers)
         # layers whose attention adds a (gated) value embedding of the input token
         self.value_embedding_layers = (list(value_embedding_layers) if value_embedding_layers is not None else
                                        [i for i in range(num_hidden_layers) if i % 2 == (num_hidden_layers - 1) % 2])
