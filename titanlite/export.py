@@ -42,10 +42,14 @@ def spec_for_args(args_class: str | None, model_args: dict) -> TrainSpec:
                     f"family that trained this checkpoint (titanlite.models.register_train_spec)")
 
 
-def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
-    """DCP step folder -> `out_dir/model.safetensors` (full, unsharded) + `out_dir/config.json`."""
+def check_export_dtype(dtype: str) -> torch.dtype:
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"export dtype {dtype!r} is not supported; use float32 or bfloat16")
+    return EXPORT_DTYPES[dtype]
+
+
+def read_checkpoint_weights(step_dir: Path) -> tuple[TrainSpec, dict, dict[str, torch.Tensor]]:
+    """(family spec, meta.json, full fp32 model weights by titanlite name) of a DCP step folder."""
     step_dir = Path(step_dir)
     meta = read_meta(step_dir)
     if not meta.get("model_args"):
@@ -63,7 +67,14 @@ def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> 
             dcp.load({"model": weights}, checkpoint_id=str(step_dir), planner=WeightsOnlyLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         raise UserError(f"could not read the model weights of {step_dir}: {describe_failure(exc)}") from exc
-    tensors = {name: t.detach().to(EXPORT_DTYPES[dtype]).contiguous() for name, t in weights.items()}
+    return spec, meta, {name: t.detach() for name, t in weights.items()}
+
+
+def export_checkpoint(step_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """DCP step folder -> `out_dir/model.safetensors` (full, unsharded) + `out_dir/config.json`."""
+    torch_dtype = check_export_dtype(dtype)
+    spec, meta, weights = read_checkpoint_weights(step_dir)
+    tensors = {name: t.to(torch_dtype).contiguous() for name, t in weights.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / EXPORT_WEIGHTS_FILE), metadata={"format": spec.export_format,

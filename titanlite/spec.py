@@ -69,6 +69,18 @@ OptimizerGroupsFn = Callable[[Any, LRScales], dict[str, GroupSettings]]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class HFModelFiles:
+    """A family's model in Hugging Face form (titanlite.hf.export writes it with the tokenizer files)."""
+    config: dict                         # config.json: architectures, model_type, dims (token ids added by export)
+    tensors: dict[str, torch.Tensor]     # model.safetensors: HF names and layouts, fp32
+    code_files: tuple = ()               # Paths copied into the folder (custom architectures: trust_remote_code)
+
+
+# (family args, {titanlite name: full fp32 tensor}) -> HFModelFiles
+ToHFFn = Callable[[Any, dict[str, torch.Tensor]], HFModelFiles]
+
+
 def forward_sum_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The model computes the loss in forward, so a fused head + CE runs inside its (compiled) graph."""
     return model(inputs, targets, loss_reduction="sum")
@@ -89,6 +101,7 @@ class TrainSpec:
     estimate_memory: Callable[..., Any] | None = None
     loss: LossFn = forward_sum_loss
     export_format: str = ""
+    to_hf: ToHFFn | None = None                  # `scripts.export --format hf`; None: the family has no HF form
 
     def build_meta_model(self, args) -> nn.Module:
         """The model with no storage; titanlite.models.build.materialize makes it real."""

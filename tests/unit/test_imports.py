@@ -12,6 +12,8 @@ PACKAGE = REPO / "titanlite"
 def _modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
+        if not (path.parent / "__init__.py").is_file():  # not a package: files shipped as data (HF remote code)
+            continue
         parts = list(path.relative_to(REPO).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]

@@ -249,3 +249,33 @@ def test_cuda_batches_are_pinned_and_identical(embedded):
         inputs, targets = next(gpu_loader)
         assert inputs.is_cuda and targets.is_cuda
         assert torch.equal(torch.stack([inputs, targets]).cpu(), expected)
+
+
+def test_a_packing_failure_is_raised_as_itself_and_the_loader_goes_on_where_it_was(small):
+    """A failure in the prefetch thread reaches the training thread as the same exception (a user error stays
+    one line), and the next batch is the one that failed, packed from the state after the last good batch."""
+    from titanlite.errors import UserError
+
+    folder, tok = small
+    kwargs = dict(batch_size=2, seq_len=64, buffer_docs=16, threads=1)
+    reference = _take(build_loader(folder, "train", tok, prefetch=0, **kwargs), 12)
+    loader = build_loader(folder, "train", tok, prefetch=2, **kwargs)
+    _take(loader, 5)
+    loader.close()  # no thread packs while the stream is patched; the next batch starts a new one
+    stream = loader.streams[0]
+    real_pack, calls = stream.pack, []
+    failure = UserError("shard_00001.parquet cannot be read: disk gone; fix the disk and resume")
+
+    def failing_pack(out):
+        calls.append(1)
+        if len(calls) == 1:
+            real_pack(out[:1])  # half a batch packed, then the fault: the buffer is left half used
+            raise failure
+        return real_pack(out)
+
+    stream.pack = failing_pack
+    with pytest.raises(UserError) as caught:
+        next(loader)
+    assert caught.value is failure and "\n" not in str(caught.value)
+    assert all(torch.equal(a, b) for a, b in zip(_take(loader, 7), reference[5:12]))
+    loader.close()

@@ -18,6 +18,7 @@ embedding-type groups, the other groups keep the recipe's betas.
 from __future__ import annotations
 
 from titanlite.errors import UserError
+from titanlite.models.gpt.hf import to_hf
 from titanlite.models.gpt.memory import estimate_memory
 from titanlite.models.gpt.model import GPT, GPTArgs, count_flops_per_token, count_params, window_sizes
 from titanlite.models.gpt.parallelize import parallelize_gpt
@@ -75,4 +76,4 @@ def optimizer_groups(optimizer_cfg, scales: LRScales) -> dict[str, GroupSettings
 GPT_SPEC = TrainSpec(
     name="gpt", model_args_cls=GPTArgs, model_cls=GPT, build_args=build_args, counts=counts, describe=describe,
     optimizer_groups=optimizer_groups, parallelize=parallelize_gpt, window_pattern=lambda args: args.window_pattern,
-    estimate_memory=estimate_memory, export_format=EXPORT_FORMAT)
+    estimate_memory=estimate_memory, export_format=EXPORT_FORMAT, to_hf=to_hf)
