@@ -27,6 +27,14 @@ from titanlite.errors import UserError
 
 KEY_ROOT = "titanlite/attempt"
 _POLL_S = 0.02
+_attempt: int | None = None  # this process's attempt number, once attempt_store has agreed on it
+
+
+def attempt_number() -> int | None:
+    """1 for the first attempt of this torchrun job's workers, 2 for the next, ... (None outside torchrun's
+    shared store). Unlike TORCHELASTIC_RESTART_COUNT it is the same on every rank and also counts the restarts
+    torchrun makes when a node joins."""
+    return _attempt
 
 
 def uses_agent_store() -> bool:
@@ -78,7 +86,10 @@ def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: timed
 def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
     """Under torchrun's shared agent store: that store, behind this attempt's own prefix. Otherwise None (the
     process group's usual env:// rendezvous is right)."""
+    global _attempt
     if not uses_agent_store():
         return None
     store = connect_agent_store(timeout)
-    return dist.PrefixStore(attempt_prefix(store, rank, world_size, timeout) + "/", store)
+    prefix = attempt_prefix(store, rank, world_size, timeout)
+    _attempt = int(prefix.rsplit("/", 1)[1])
+    return dist.PrefixStore(prefix + "/", store)

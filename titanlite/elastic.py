@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from titanlite.agent_store import attempt_number
 from titanlite.checkpoint import read_meta
 from titanlite.errors import UserError
 
@@ -28,13 +29,16 @@ ASSUMED_READ_BYTES_PER_S = 2e9
 
 
 def restart_count() -> int:
-    """How many times torchrun has restarted this worker's group (0 outside torchrun and on the first attempt)."""
+    """How many times torchrun has restarted this worker's group: its own count (0 outside torchrun and on the
+    first attempt), or the attempts the job's shared store has seen, which also counts the restarts torchrun makes
+    when a node joins (TORCHELASTIC_RESTART_COUNT does not, and is kept per agent)."""
     value = os.environ.get(RESTART_COUNT_ENV, "")
     try:
-        return max(0, int(value)) if value else 0
+        count = max(0, int(value)) if value else 0
     except ValueError:
         raise UserError(f"environment variable {RESTART_COUNT_ENV}={value!r} is not an integer; it is set by "
                         "torchrun, launch with torchrun or unset it") from None
+    return max(count, (attempt_number() or 1) - 1)
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,16 @@ def choose_resume(requested: str, latest: int | None, folder: Path, restarts: in
     return ResumeChoice("latest" if requested == "latest" else int(requested), None)
 
 
-def agreed_latest_step(checkpointer) -> int | None:
-    """The latest complete step as rank 0 sees it, on every rank: the ranks must load the same step, and a rank
-    that lists the folder while rank 0 publishes a save (or on a file system that shows it later) could differ."""
-    latest = [checkpointer.latest_step() if checkpointer.is_main else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(latest, src=0)
-    return latest[0]
+def agreed_resume_inputs(checkpointer) -> tuple[int | None, int]:
+    """(latest complete step as rank 0 sees it, the highest restart count of any rank), the same on every rank:
+    the ranks must load the same step, and a rank listing the folder while rank 0 publishes a save (or on a file
+    system that shows it later) could see another one; a restart seen by one rank is a restart for all."""
+    mine = (checkpointer.latest_step() if checkpointer.is_main else None, restart_count())
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered[0][0], max(restarts for _, restarts in gathered)
 
 
 def _saved_device_batch_size(meta: dict) -> int | None:

@@ -4,10 +4,11 @@ Two runs writing one folder would interleave checkpoints, overwrite each other's
 files, and remove each other's partial saves. The lock is a small JSON file created with O_EXCL (atomic, also
 on NFS v3+). Whether its holder still runs can only be told on the same host: there a holder is alive when a
 process with its PID exists and started at the recorded time, so a PID reused after a container restart or a
-reboot does not keep a dead run's lock. A lock held on another host is respected, with one exception: an earlier
-attempt of the same torchrun job (same TORCHELASTIC_RUN_ID, other than torchrun's default "none"). torchrun starts
-an attempt's workers only after the previous attempt's workers have stopped or their node is gone, so that holder
-can no longer write; waiting for it would block the restart forever.
+reboot does not keep a dead run's lock. A lock held on another host is respected, with one exception: a worker
+of an earlier attempt of the same torchrun job (same TORCHELASTIC_RUN_ID, other than torchrun's default "none").
+torchrun starts an attempt's workers only after the previous attempt's workers have stopped or their node is gone,
+so that holder can no longer write, and waiting for it would block the restart forever. (On the holder's own
+host the process itself is checked, as for any lock.)
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class RunLock:
                 if running is False:
                     self._take_over(holder, "that process is no longer running")
                     continue
-                if earlier_attempt_of_this_job(holder):
+                if running is None and earlier_attempt_of_this_job(holder):
                     self._take_over(holder, f"it belongs to an earlier attempt of this torchrun job "
                                             f"({holder['torchrun_job']}), which torchrun has stopped")
                     continue

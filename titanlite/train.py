@@ -35,8 +35,7 @@ from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
 from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
 from titanlite.distributed import init_distributed, set_seed, teardown_distributed
-from titanlite.elastic import (agreed_latest_step, choose_resume, format_fault_costs, restart_count,
-                               world_change_line)
+from titanlite.elastic import agreed_resume_inputs, choose_resume, format_fault_costs, world_change_line
 from titanlite.errors import UserError
 from titanlite.eval.bpb import evaluate_bpb
 from titanlite.eval.core import core_line, core_settings, evaluate_core
@@ -197,8 +196,8 @@ class Trainer:
 
     def _maybe_resume(self) -> int | None:
         # a torchrun restart (or `auto`) resumes the latest checkpoint, as rank 0 sees the folder
-        choice = choose_resume(self.config.checkpoint.resume_from_step, agreed_latest_step(self.checkpointer),
-                               self.run_dir, restart_count())
+        latest, restarts = agreed_resume_inputs(self.checkpointer)
+        choice = choose_resume(self.config.checkpoint.resume_from_step, latest, self.run_dir, restarts)
         if choice.line:
             logger.info(choice.line)
         if choice.step is None:
