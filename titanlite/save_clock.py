@@ -11,11 +11,15 @@ import time
 from typing import Callable
 
 
+def now() -> float:
+    return time.monotonic()
+
+
 class SaveClock:
-    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, minutes: float, clock: Callable[[], float] | None = None):
         self.period_s = minutes * 60.0 if minutes > 0 else None
-        self._clock = clock
-        self._last = clock()
+        self._clock = clock or now
+        self._last = self._clock()
 
     @property
     def enabled(self) -> bool:

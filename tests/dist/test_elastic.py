@@ -168,3 +168,20 @@ def _printed_losses(argv) -> dict[int, float]:
         logger.removeHandler(handler)
         logger.setLevel(level)
     return step_losses("\n".join(lines))
+
+
+def _clock_worker(rank, world_size, dump):
+    """Rank 1's save clock always says a save is due, rank 0's never: the ranks must still save together."""
+    from titanlite.save_clock import SaveClock
+
+    SaveClock.due = lambda self: rank == 1
+    return train_losses(ARGS + [f"--job.dump_folder={dump}", "--training.num_iterations=6",
+                                "--checkpoint.save_every=-1", "--checkpoint.save_every_minutes=60"])
+
+
+def test_one_rank_whose_clock_says_save_makes_every_rank_save(home, tmp_path):
+    from tests.helpers.dist import run_in_processes
+
+    losses = run_in_processes(_clock_worker, 2, args=(tmp_path,), timeout=180)
+    assert sorted(losses[0]) == list(range(1, 7))
+    assert list_steps(_run_dir(tmp_path)) == [1, 2, 3, 4, 5, 6]  # a timed save at every step after step 0
