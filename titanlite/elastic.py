@@ -104,6 +104,23 @@ def world_change_line(step_dir: Path, step: int, plan) -> str | None:
             f"stays {plan.total_batch_size:,} tokens per step, {accum}")
 
 
+# Signs of a collective whose peer process is gone (gloo's TCP pairs, NCCL's abort after a peer's failure).
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                   "NCCL communicator was aborted", "remote process exited or there was a network error")
+
+
+def lost_peer_line(exc: BaseException, rank: int) -> str | None:
+    """One line for a collective that failed because another process of the job died (None for anything else):
+    the surviving ranks say what happened instead of a traceback from deep inside FSDP."""
+    text = str(exc)
+    sign = next((s for s in PEER_LOST_SIGNS if s in text), None)
+    if not isinstance(exc, RuntimeError) or sign is None:
+        return None
+    return (f"rank {rank} lost another process of this job mid-collective ({sign}): it died or its node is "
+            "gone; under torchrun with --max-restarts the workers restart and resume the latest complete "
+            "checkpoint, otherwise resume with --checkpoint.resume_from_step=auto")
+
+
 # ----- what faults cost (lines for the plan block) ------------------------------------------------------------
 
 def checkpoint_bytes(plan, spec) -> tuple[int, int] | None:

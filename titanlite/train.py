@@ -35,7 +35,8 @@ from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
 from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
 from titanlite.distributed import init_distributed, set_seed, teardown_distributed
-from titanlite.elastic import agreed_resume_inputs, choose_resume, format_fault_costs, world_change_line
+from titanlite.elastic import (agreed_resume_inputs, choose_resume, format_fault_costs, lost_peer_line,
+                               world_change_line)
 from titanlite.errors import UserError
 from titanlite.eval.bpb import evaluate_bpb
 from titanlite.eval.core import core_line, core_settings, evaluate_core
@@ -529,6 +530,9 @@ def run_training(config) -> int:
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):
             raise UserError(out_of_memory_message(config.training.device_batch_size, trainer.device)) from None
+        lost = lost_peer_line(exc, trainer.world.rank)
+        if lost:
+            raise UserError(lost) from None
         raise
     finally:
         trainer.close(failed=failed)
