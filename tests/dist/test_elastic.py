@@ -128,7 +128,8 @@ def test_losing_an_agent_shrinks_the_world_and_goes_on(reference, home, tmp_path
     before, _, after = out.partition("torchrun restart 1:")
     assert "Distributed: world 2" in "".join(read(log) for log in logs) and after, out[-4000:]
     # the survivor's failed collective is one line, not a traceback from inside FSDP
-    assert re.search(r"^error: rank [01] lost another process of this job mid-collective \(", before, re.M), before[-3000:]
+    lost = r"^error: rank [01] lost another process of this job mid-collective \("
+    assert re.search(lost, before, re.M), before[-3000:]
     assert "Traceback" not in before
     lines = re.findall(r"^world size (\d+) → (\d+): resumed from step (\d+) \((.*)\); the global batch stays "
                        r"256 tokens per step, grad accumulation 1 → 2 micro-steps$", after, re.M)
