@@ -27,6 +27,7 @@ from titanlite.errors import UserError
 
 KEY_ROOT = "titanlite/attempt"
 _POLL_S = 0.02
+_MAX_POLL_S = 0.2  # waiting ranks back off to this, so a large job does not flood the store while rank 0 starts
 _attempt: int | None = None  # this process's attempt number, once attempt_store has agreed on it
 
 
@@ -69,7 +70,7 @@ def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: timed
                 time.sleep(_POLL_S)
         return prefix
     nonce = secrets.token_hex(8).encode()
-    announced, prefix = None, ""
+    announced, prefix, delay = None, "", _POLL_S
     while True:
         current = store.get(f"{KEY_ROOT}/current") if store.check([f"{KEY_ROOT}/current"]) else None
         if current is not None and current != announced:  # first read, or a newer rank 0 published
@@ -80,7 +81,8 @@ def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: timed
             return prefix
         if time.monotonic() > give_up:
             raise TimeoutError(f"rank 0 did not answer rank {rank} within {timeout}")
-        time.sleep(_POLL_S)
+        time.sleep(delay)
+        delay = min(_MAX_POLL_S, delay * 1.5)
 
 
 def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
