@@ -92,10 +92,11 @@ def _saved_device_batch_size(meta: dict) -> int | None:
 def world_change_line(step_dir: Path, step: int, plan) -> str | None:
     """One line when the checkpoint was written by another number of processes than this run has (None when the
     same): old and new world size, the step resumed, and how the unchanged global batch is now split."""
-    old_world = read_meta(step_dir).get("world_size")
+    meta = read_meta(step_dir)
+    old_world = meta.get("world_size")
     if not isinstance(old_world, int) or old_world == plan.world_size:
         return None
-    old_dbs = _saved_device_batch_size(read_meta(step_dir))
+    old_dbs = _saved_device_batch_size(meta)
     old_split = old_dbs * plan.seq_len * old_world if old_dbs else 0
     accum = (f"grad accumulation {plan.total_batch_size // old_split} → {plan.grad_accum_steps} micro-steps"
              if old_split and plan.total_batch_size % old_split == 0
