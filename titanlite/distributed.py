@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from titanlite.agent_store import attempt_store
 from titanlite.errors import UserError
 from titanlite.logging_utils import logger
 
@@ -113,6 +114,10 @@ def init_distributed(parallelism_cfg, device_type: str) -> WorldInfo:
     if not already:
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device_type == "cuda" else {}
+        # under torchrun the agent's store outlives restarted workers: each attempt gets keys of its own
+        store = attempt_store(rank, world_size, PROCESS_GROUP_TIMEOUT)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT, **kwargs)
         _OWNS_PROCESS_GROUP = True
     mesh = build_mesh(device_type, world_size, dp_shard, dp_replicate) if world_size > 1 else None

@@ -14,6 +14,7 @@ import sys
 from titanlite.cli import run_cli
 from titanlite.config import load_config
 from titanlite.distributed import resolve_degrees
+from titanlite.elastic import format_fault_costs
 from titanlite.errors import UserError
 from titanlite.logging_utils import init_logger, logger
 from titanlite.metrics import peak_flops_for_gpu
@@ -88,7 +89,8 @@ def build_report(config, world_size: int, mfu: float, gpu: str) -> dict:
     if peak == float("inf"):
         raise UserError(f"--gpu {gpu!r} is not in the peak-FLOPs table (titanlite.metrics.PEAK_BF16_FLOPS); "
                         "use a name such as h100, h200, a100, b200")
-    return {"plan": plan, "memory": est, "wall_clock_s": wall_clock_seconds(plan, mfu, peak, world_size),
+    return {"plan": plan, "memory": est, "fault_costs": format_fault_costs(plan, spec, config.checkpoint),
+            "wall_clock_s": wall_clock_seconds(plan, mfu, peak, world_size),
             "peak_flops": peak, "mfu": mfu, "gpu": gpu, "world_size": world_size,
             "gpu_memory_gib": gpu_memory_gib(gpu)}
 
@@ -99,6 +101,7 @@ def format_report(report: dict) -> str:
               else f"Memory per GPU: no estimate for model.name = {plan.model_name!r} (its TrainSpec has none)")
     return "\n".join([
         format_plan(plan),
+        report["fault_costs"],
         memory,
         f"Wall clock at MFU {100 * report['mfu']:.0f}% on {report['world_size']} x {report['gpu']} "
         f"({report['peak_flops'] / 1e12:,.0f} TFLOP/s bf16 peak each): {secs / 3600:.2f} h ({secs:,.0f} s) for "

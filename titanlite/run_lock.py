@@ -4,7 +4,11 @@ Two runs writing one folder would interleave checkpoints, overwrite each other's
 files, and remove each other's partial saves. The lock is a small JSON file created with O_EXCL (atomic, also
 on NFS v3+). Whether its holder still runs can only be told on the same host: there a holder is alive when a
 process with its PID exists and started at the recorded time, so a PID reused after a container restart or a
-reboot does not keep a dead run's lock. A lock held on another host is always respected.
+reboot does not keep a dead run's lock. A lock held on another host is respected, with one exception: a worker
+of an earlier attempt of the same torchrun job (same TORCHELASTIC_RUN_ID, other than torchrun's default "none").
+torchrun starts an attempt's workers only after the previous attempt's workers have stopped or their node is gone,
+so that holder can no longer write, and waiting for it would block the restart forever. (On the holder's own
+host the process itself is checked, as for any lock.)
 """
 
 from __future__ import annotations
@@ -45,9 +49,24 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+def torchrun_job() -> str | None:
+    """The torchrun job this process is a worker of (its rendezvous id), None outside torchrun or when the id is
+    torchrun's default, which unrelated jobs share."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return run_id if run_id and run_id != "none" else None
+
+
 def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
-            "start_ticks": _start_ticks(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "start_ticks": _start_ticks(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "torchrun_job": torchrun_job()}
+
+
+def earlier_attempt_of_this_job(holder: dict) -> bool:
+    """Whether `holder` is a worker of an earlier attempt of the torchrun job this process belongs to."""
+    job = torchrun_job()
+    mine = (socket.gethostname(), os.getpid())
+    return job is not None and holder.get("torchrun_job") == job and (holder.get("host"), holder.get("pid")) != mine
 
 
 def holder_is_running(holder: dict) -> bool | None:
@@ -105,7 +124,11 @@ class RunLock:
                     continue  # removed meanwhile: try again
                 running = holder_is_running(holder)
                 if running is False:
-                    self._take_over(holder)
+                    self._take_over(holder, "that process is no longer running")
+                    continue
+                if running is None and earlier_attempt_of_this_job(holder):
+                    self._take_over(holder, f"it belongs to an earlier attempt of this torchrun job "
+                                            f"({holder['torchrun_job']}), which torchrun has stopped")
                     continue
                 raise UserError(f"run folder {self.folder} is in use by another run ({describe_holder(holder)}); "
                                 f"wait for it to end or pick another folder (--checkpoint.model_tag, "
@@ -138,7 +161,7 @@ class RunLock:
         raise UserError(f"{self.path} exists but names no run (not a titanlite lock, or damaged); delete it if "
                         f"no run uses {self.folder}")
 
-    def _take_over(self, stale: dict) -> None:
+    def _take_over(self, stale: dict, why: str) -> None:
         # Move the stale file aside under a name of our own: of two runs taking over at once only one rename
         # succeeds. If the file moved was not the stale one (taken over meanwhile), put it back.
         aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
@@ -152,7 +175,7 @@ class RunLock:
             return
         aside.unlink(missing_ok=True)
         logger.warning(f"warning: taking over the lock of run folder {self.folder} from {describe_holder(stale)}: "
-                       "that process is no longer running")
+                       f"{why}")
 
     def release(self) -> None:
         """Remove the lock if it is still ours (never one another run took over)."""

@@ -1,4 +1,5 @@
-"""Agreement between steps: did any rank get SIGTERM, has every rank finished its part of an async save.
+"""Agreement between steps: did any rank get SIGTERM, has every rank finished its part of an async save, does any
+rank's save clock (checkpoint.save_every_minutes) say a save is due.
 
 Every rank must stop, save and publish at the same step, so the answer is one all-reduce (MAX) of a few ints over
 a CPU group. It runs every few steps, not every step: at scale an all-reduce over every rank is a CPU-level
@@ -24,7 +25,7 @@ MAX_CHECK_INTERVAL = 1000  # steps; tiny steps (tests, debug configs) still chec
 
 class StepControl:
     def __init__(self, distributed: bool, is_main: bool, needed: bool):
-        """distributed: a process group with several ranks; needed: SIGTERM handling or async saves are on."""
+        """distributed: a process group with several ranks; needed: SIGTERM handling, async saves or timed saves are on."""
         self.active = distributed and needed
         self.is_main = is_main
         self.group = None
@@ -45,14 +46,15 @@ class StepControl:
         seconds_per_step = (now - last[1]) / (step - last[0])
         return max(1, min(MAX_CHECK_INTERVAL, int(CHECK_PERIOD_S / max(seconds_per_step, 1e-9))))
 
-    def agree(self, step: int, stop: bool, unfinished: bool) -> tuple[bool, bool]:
-        """(any rank stopping, any rank's async save unfinished); collective at a due step on every rank."""
+    def agree(self, step: int, stop: bool, unfinished: bool, timed: bool = False) -> tuple[bool, bool, bool]:
+        """(any rank stopping, any rank's async save unfinished, any rank's save clock due); collective at a due
+        step on every rank."""
         if not self.active:
-            return stop, unfinished
+            return stop, unfinished, timed
         interval = self._interval(step) if self.is_main else 0
-        flags = torch.tensor([int(stop), int(unfinished), interval], dtype=torch.int64)  # CPU: no device sync
+        flags = torch.tensor([int(stop), int(unfinished), int(timed), interval], dtype=torch.int64)  # CPU: no sync
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        stop_any, unfinished_any, interval = flags.tolist()
+        stop_any, unfinished_any, timed_any, interval = flags.tolist()
         self.next_check = step + max(1, interval)
         self.checks += 1
-        return bool(stop_any), bool(unfinished_any)
+        return bool(stop_any), bool(unfinished_any), bool(timed_any)

@@ -35,6 +35,8 @@ from titanlite.data.loader import build_loader
 from titanlite.data.streams import TrainData
 from titanlite.device import is_out_of_memory, out_of_memory_message, prepare_backend, resolve_device_type
 from titanlite.distributed import init_distributed, set_seed, teardown_distributed
+from titanlite.elastic import (agreed_resume_inputs, choose_resume, format_fault_costs, lost_peer_line,
+                               world_change_line)
 from titanlite.errors import UserError
 from titanlite.eval.bpb import evaluate_bpb
 from titanlite.eval.core import core_line, core_settings, evaluate_core
@@ -49,6 +51,7 @@ from titanlite.parallelize import resolve_compile, set_replica_all_reduce
 from titanlite.paths import cache_dir
 from titanlite.precision import describe_compute_dtype, resolve_compute_dtype
 from titanlite.run_lock import RunLock
+from titanlite.save_clock import SaveClock
 from titanlite.scaling import derive_plan, format_plan
 from titanlite.shared_fs import check_run_folder_shared, check_same_files
 from titanlite.step_control import StepControl
@@ -118,7 +121,7 @@ class Trainer:
         self.plan = plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, vocab_size, world.world_size,
                                        self.spec)
         self._build_model()
-        logger.info(format_plan(plan))
+        logger.info(format_plan(plan) + "\n" + format_fault_costs(plan, self.spec, cfg.checkpoint))
 
         if self.is_main:
             with reported_fs_errors("write", self.run_dir / "config.toml", RUN_DIR_ADVICE):
@@ -133,9 +136,11 @@ class Trainer:
         self._sigterm_armed = (cfg.checkpoint.enabled and cfg.checkpoint.save_on_sigterm
                                and threading.current_thread() is threading.main_thread())
         self._sigterm_received = False
-        # the stop/publish decision between steps, agreed across ranks every few steps (_step_boundary)
+        self.save_clock = SaveClock(cfg.checkpoint.save_every_minutes if cfg.checkpoint.enabled else -1)
+        # the stop/publish/timed-save decision between steps, agreed across ranks every few steps (_step_boundary)
         self.step_control = StepControl(world.is_distributed, self.is_main,
-                                        self._sigterm_armed or self.checkpointer.async_enabled)
+                                        self._sigterm_armed or self.checkpointer.async_enabled
+                                        or self.save_clock.enabled)
         self.resumed_step = self._maybe_resume()
 
     def _lock_run_dir(self) -> None:
@@ -197,10 +202,14 @@ class Trainer:
                 "dataloader": self.train_data.checkpoint_entry()}
 
     def _maybe_resume(self) -> int | None:
-        requested = self.config.checkpoint.resume_from_step.strip().lower()
-        if requested in ("-1", ""):
+        # a torchrun restart (or `auto`) resumes the latest checkpoint, as rank 0 sees the folder
+        latest, restarts = agreed_resume_inputs(self.checkpointer)
+        choice = choose_resume(self.config.checkpoint.resume_from_step, latest, self.run_dir, restarts)
+        if choice.line:
+            logger.info(choice.line)
+        if choice.step is None:
             return None
-        step = self.checkpointer.resolve_step("latest" if requested == "latest" else int(requested))
+        step = self.checkpointer.resolve_step(choice.step)
         states = self._checkpoint_states()
         # a changed global batch or sequence length is refused by name before anything loads
         with_data = self.train_data.check_checkpoint(self.checkpointer.step_dir(step))
@@ -212,6 +221,9 @@ class Trainer:
             self.train_data.load(states["dataloader"])
         logger.info(f"Resumed from {self.run_dir}/step-{step:06d} (step {self.state.step}, "
                     f"{self.state.tokens_seen:,} tokens seen)")
+        changed = world_change_line(self.checkpointer.step_dir(step), step, self.plan)
+        if changed:
+            logger.info(changed)
         return self.state.step
 
     # ---- evaluation -------------------------------------------------------------------------------------
@@ -309,21 +321,26 @@ class Trainer:
             return
         # "checkpoint saved" is printed by the checkpointer once the folder is complete (async: later)
         self.checkpointer.save(step, self._checkpoint_states(), final=final)
+        self.save_clock.reset()
 
-    def _step_boundary(self) -> bool:
-        """Between steps: publish a finished async save, and return whether any rank got SIGTERM.
+    def _step_boundary(self) -> tuple[bool, bool]:
+        """Between steps: publish a finished async save; return whether any rank got SIGTERM and whether any
+        rank's save clock (checkpoint.save_every_minutes) says a save is due.
 
         Both are decided on all ranks together, so every rank publishes, saves and stops at the same step (the
         save is collective): with several processes one small all-reduce on a CPU group, about once a second
         (titanlite.step_control), not every step.
         """
         pending = self.checkpointer.pending_done()
-        if not self._sigterm_armed and pending is None or not self.step_control.due(self.state.step):
-            return False
-        stop, unfinished = self.step_control.agree(self.state.step, self._sigterm_received, pending is False)
+        if not self._sigterm_armed and pending is None and not self.save_clock.enabled:
+            return False, False
+        if not self.step_control.due(self.state.step):
+            return False, False
+        stop, unfinished, timed = self.step_control.agree(self.state.step, self._sigterm_received,
+                                                          pending is False, self.save_clock.due())
         if pending is not None and not unfinished:
             self.checkpointer.wait()  # prints "checkpoint saved", or raises the failure as one line
-        return stop
+        return stop, timed
 
     @contextlib.contextmanager
     def _sigterm_handler(self):
@@ -358,18 +375,19 @@ class Trainer:
         num_iterations = plan.num_iterations
         ev = cfg.eval
         unchecked_loss: torch.Tensor | None = None  # sum of step losses not yet checked for NaN/inf
+        self.save_clock.reset()  # the work a fault can cost starts with the loop, not with the set-up
         step_start: float | None = None            # end of the previous step; None after a pause (eval)
         while True:
             step = state.step
             last = step == num_iterations
-            preempted = self._step_boundary()
+            preempted, timed_save = self._step_boundary()
             evals = (_due(step, ev.eval_every, last, at_zero=True), _due(step, ev.core_metric_every, last, False),
                      _due(step, ev.sample_every, last, at_zero=False))
             if preempted:
                 evals = (False, False, False)  # the grace period is for the checkpoint
             save = last or (step != self.resumed_step
                             and (_due(step, cfg.checkpoint.save_every, False, at_zero=False)
-                                 or (preempted and step > 0)))
+                                 or ((preempted or timed_save) and step > 0)))
             stop = last or step == cfg.debug.stop_after_steps
             if unchecked_loss is not None and (any(evals) or save or stop):
                 self._check_finite(self._global_loss(unchecked_loss), step - 1)  # never save a diverged model
@@ -518,6 +536,9 @@ def run_training(config) -> int:
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):
             raise UserError(out_of_memory_message(config.training.device_batch_size, trainer.device)) from None
+        lost = lost_peer_line(exc, trainer.world.rank)
+        if lost:
+            raise UserError(lost) from None
         raise
     finally:
         trainer.close(failed=failed)

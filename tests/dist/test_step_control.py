@@ -22,7 +22,7 @@ def _loop(rank, world_size):
         for step in range(STEPS):
             if control.due(step):
                 checked_at.append(step)
-                stop, _ = control.agree(step, stop=rank == 1 and step >= SIGNAL_AT, unfinished=False)
+                stop, _, _ = control.agree(step, stop=rank == 1 and step >= SIGNAL_AT, unfinished=False)
                 if stop:
                     stopped_at = step
                     break

@@ -121,7 +121,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     save_every: int = opt(-1, "steps between checkpoints (-1: only at the end)", seed="--save-every")
-    resume_from_step: str = opt("-1", "step to resume from: a number, 'latest', or -1 for none",
+    save_every_minutes: float = opt(-1.0, "also save when this many minutes passed since the last save (-1: off); "
+                                    "bounds the work a fault costs in wall-clock time")
+    resume_from_step: str = opt("-1", "step to resume from: a number, 'latest', 'auto' (latest if any, else fresh) "
+                                "or -1 for none; a torchrun restart always resumes the latest",
                                 seed="--resume-from-step", loose=True)
     model_tag: str = opt("", "run folder name ('' = d<depth>)", seed="--model-tag")
     keep_latest_k: int = opt(0, "checkpoints kept (0: all)")

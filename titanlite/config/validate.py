@@ -81,9 +81,10 @@ def validate(config) -> None:
 
     c = config.checkpoint
     _positive_or_off("checkpoint.save_every", c.save_every)
+    _positive_or_off("checkpoint.save_every_minutes", c.save_every_minutes)
     resume = c.resume_from_step.strip().lower()
-    _require(resume == "latest" or (resume.lstrip("-").isdigit() and int(resume) >= -1),
-             f"checkpoint.resume_from_step must be a step number, 'latest' or -1, got {c.resume_from_step!r}")
+    _require(resume in ("latest", "auto") or (resume.lstrip("-").isdigit() and int(resume) >= -1),
+             f"checkpoint.resume_from_step must be a step number, 'latest', 'auto' or -1, got {c.resume_from_step!r}")
     _require(c.keep_latest_k >= 0, f"checkpoint.keep_latest_k must be >= 0 (0 keeps all), got {c.keep_latest_k}")
     _require("/" not in c.model_tag and c.model_tag not in (".", ".."),
              f"checkpoint.model_tag must be a plain folder name, got {c.model_tag!r}")
