@@ -158,3 +158,29 @@ def test_a_sweep_folder_refuses_other_settings(tmp_path, capsys):
     assert run_cli(main, [*common, "--model.max_seq_len=128"]) == 2
     err = capsys.readouterr().err
     assert "holds runs with model.max_seq_len = 64" in err and "128" in err
+
+
+def test_collect_without_matplotlib_still_writes_sweep_json_and_says_why_there_is_no_png(tmp_path, monkeypatch,
+                                                                                        capsys):
+    import builtins
+
+    from scripts.scaling_sweep import main
+    from titanlite.sweep.runs import run_name
+
+    out = tmp_path / "sweep"
+    assert main([*TOY, "--depths", "1", "--flops", "1e10", "--out", str(out), "--launch", "print"]) == 0
+    (out / run_name(1e10, 1)).mkdir()
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    capsys.readouterr()
+    assert main(["--out", str(out), "--collect"]) == 0
+    text = capsys.readouterr().out
+    assert "drawing it needs matplotlib" in text and (out / "sweep.json").is_file()
+    assert not (out / "sweep.png").exists()
+    assert json.loads((out / "sweep.json").read_text())["runs"][0]["status"] == "pending"

@@ -60,6 +60,13 @@ def collect(sweep_dir: Path, config, config_file: str, say: Callable[[str], None
         say(f"{failed} run(s) failed: their error is in the table and in <run>/sweep_failure.json")
     write_json(sweep_dir / JSON_FILE, sweep_dir=sweep_dir, config_file=config_file, ratio=ratio, runs=runs,
                fit=fit, choices=choices)
-    plot_sweep(sweep_dir / PLOT_FILE, runs, fit, choices)
-    say(f"wrote {sweep_dir / JSON_FILE} and {sweep_dir / PLOT_FILE}")
+    try:
+        plot_sweep(sweep_dir / PLOT_FILE, runs, fit, choices)
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        say(f"wrote {sweep_dir / JSON_FILE}; no {PLOT_FILE}: drawing it needs matplotlib "
+            f"(pip install -e \".[plot]\"), then run again with --collect")
+    else:
+        say(f"wrote {sweep_dir / JSON_FILE} and {sweep_dir / PLOT_FILE}")
     return {"runs": runs, "fit": fit, "choices": choices}
