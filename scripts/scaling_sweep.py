@@ -90,6 +90,10 @@ def run_all(args, argv: list[str], sweep_dir: Path, depths: list[int], budgets: 
           f"{len(failed_before)} failed before (kept; --retry-failed runs them again), {len(todo)} to run")
     with LocalRunner() as runner:
         for i, planned_run in enumerate(todo, 1):
+            if runner.stop_signal is not None:  # asked to stop between runs: start nothing more
+                print(f"stopped by signal {runner.stop_signal} before {planned_run.name}; run the same command "
+                      f"again to go on", flush=True)
+                return INTERRUPTED_EXIT_CODE.get(runner.stop_signal, 128 + signal.SIGTERM)
             folder = sweep_dir / planned_run.name
             tag = f"[{i}/{len(todo)}] {planned_run.name}"
             held = wait_for_lock(folder, print)
