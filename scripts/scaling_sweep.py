@@ -28,7 +28,8 @@ from titanlite.config import config_from_toml_text, config_to_toml, load_config
 from titanlite.errors import UserError
 from titanlite.sweep.collect import collect
 from titanlite.sweep.launch import (LocalRunner, check_launcher, check_user_overrides, format_command,
-                                    record_failure, run_overrides, train_command, wait_for_lock)
+                                    held_by_another, record_failure, run_overrides, train_command,
+                                    wait_for_lock)
 from titanlite.sweep.runs import FAILED, FINISHED, parse_budgets, parse_depths, read_run, run_name
 from titanlite.sweep.settings import SETTINGS_FILE, check_same_settings
 
@@ -114,6 +115,10 @@ def run_all(args, argv: list[str], sweep_dir: Path, depths: list[int], budgets: 
                       f"again to resume", flush=True)
                 return INTERRUPTED_EXIT_CODE.get(runner.stop_signal, 128 + signal.SIGTERM)
             if outcome.exit_code:
+                busy = held_by_another(folder, outcome.pid)
+                if busy:  # another sweep took this run between our lock check and our trainer's start
+                    print(f"{tag}: skipped, {busy}", flush=True)
+                    continue
                 record_failure(folder, outcome, command)
                 print(f"{tag}: FAILED after {outcome.seconds:.0f} s: {outcome.error}", flush=True)
                 continue

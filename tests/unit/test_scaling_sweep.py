@@ -184,3 +184,22 @@ def test_collect_without_matplotlib_still_writes_sweep_json_and_says_why_there_i
     assert "drawing it needs matplotlib" in text and (out / "sweep.json").is_file()
     assert not (out / "sweep.png").exists()
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["status"] == "pending"
+
+
+def test_a_run_another_sweep_holds_is_skipped_not_failed(tmp_path):
+    # Two sweeps on one folder (e.g. different budgets, then overlapping) can both start the same run between the
+    # lock check and the trainer's own lock: the loser's trainer fails on the lock, which is not the run's failure.
+    from titanlite.run_lock import LOCK_FILE, this_process
+    from titanlite.sweep.launch import LocalRunner, held_by_another
+
+    folder = tmp_path / "C1e10-d1"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps(this_process()))  # a live holder: this test process
+    outcome = LocalRunner().run([sys.executable, "-c", "import sys; print('error: in use'); sys.exit(2)"], folder)
+    assert outcome.exit_code == 2 and outcome.error == "error: in use" and outcome.pid > 0
+    assert f"PID {os.getpid()}" in held_by_another(folder, outcome.pid)
+    # the holder is our own (now finished) child: a real failure of the run
+    (folder / LOCK_FILE).write_text(json.dumps({**this_process(), "pid": outcome.pid, "start_ticks": None}))
+    assert held_by_another(folder, outcome.pid) is None
+    (folder / LOCK_FILE).unlink()
+    assert held_by_another(folder, outcome.pid) is None

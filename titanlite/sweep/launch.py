@@ -69,17 +69,35 @@ def _die_with_parent() -> None:
         pass
 
 
+def live_holder(folder: Path) -> dict | None:
+    """Who holds the run folder's lock, unless nobody does or the holder is known dead (the trainer takes such a
+    lock over)."""
+    try:
+        holder = json.loads((folder / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or holder_is_running(holder) is False:
+        return None
+    return holder
+
+
+def held_by_another(folder: Path, child_pid: int) -> str | None:
+    """After a failed run: a line naming the live process that holds the folder if it is not our child (another
+    sweep started the same run a moment earlier), else None. Such a run is skipped, not failed."""
+    holder = live_holder(folder)
+    if holder is None or holder.get("pid") == child_pid:
+        return None
+    return f"run folder in use by {describe_holder(holder)}"
+
+
 def wait_for_lock(folder: Path, say) -> str | None:
     """None once no live process holds the run folder; else a line naming the holder (after LOCK_WAIT_S)."""
     deadline = time.monotonic() + LOCK_WAIT_S
     told = False
     while True:
-        try:
-            holder = json.loads((folder / LOCK_FILE).read_text())
-        except (OSError, ValueError):
+        holder = live_holder(folder)
+        if holder is None:
             return None
-        if not isinstance(holder, dict) or holder_is_running(holder) is False:
-            return None  # a dead holder's lock: the trainer takes it over
         if time.monotonic() > deadline:
             return f"run folder in use by {describe_holder(holder)}"
         if not told:
@@ -95,6 +113,7 @@ class Outcome:
     error: str          # one line, "" on success
     interrupted: bool   # the sweep was asked to stop: not a failure of the run
     seconds: float
+    pid: int = 0        # the child's process id
 
 
 def last_error_line(log: Path, start: int) -> str:
@@ -142,17 +161,17 @@ class LocalRunner:
             self.child = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True,
                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-            code = self.child.wait()
+            pid, code = self.child.pid, self.child.wait()
             self.child = None
         seconds = time.perf_counter() - start
         if code == 0:
-            return Outcome(0, "", False, seconds)
+            return Outcome(0, "", False, seconds, pid)
         error = last_error_line(log, offset)
         if code < 0:
             error = f"killed by signal {-code}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
         # 143: the trainer was stopped by SIGTERM and saved a checkpoint, so the run resumes rather than fails
         interrupted = self.stop_signal is not None or code == SIGTERM_EXIT_CODE
-        return Outcome(code, error or f"exit code {code}", interrupted, seconds)
+        return Outcome(code, error or f"exit code {code}", interrupted, seconds, pid)
 
 
 def record_failure(folder: Path, outcome: Outcome, command: list[str]) -> None:

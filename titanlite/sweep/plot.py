@@ -35,18 +35,22 @@ def plot_sweep(path: Path, runs: list[RunRecord], fit: SweepFit, choices: dict[f
         f = fits.get(budget)
         if f is not None and f.coeffs is not None:
             low, high = f.log10_params_range
+            if f.params_opt is not None:  # draw the curve out to an extrapolated minimum (at most a decade away)
+                vertex = math.log10(f.params_opt)
+                low, high = min(low, max(vertex, low - 1)), max(high, min(vertex, high + 1))
             xs = np.linspace(low - 0.1, high + 0.1, 100)
             iso.plot(10 ** xs, np.polyval(f.coeffs, xs), "-", color=color, alpha=0.7)
-            if f.params_opt is not None:
-                iso.plot([f.params_opt], [f.bpb_opt], "*", color=color, markersize=15, markeredgecolor="black",
-                         zorder=5)
+            if f.params_opt is not None:  # hollow: the minimum lies outside the swept sizes
+                iso.plot([f.params_opt], [f.bpb_opt], "*", color=color if f.bracketed else "none", markersize=15,
+                         markeredgecolor="black", zorder=5)
         choice = choices.get(budget)
         if choice is not None and choice.bpb_fit is not None:
             iso.plot([choice.params], [choice.bpb_fit], "x", color=color, markersize=10, mew=2, zorder=5)
     iso.set_xscale("log")
     iso.set_xlabel("scaling parameters N")
     iso.set_ylabel("final val_bpb")
-    iso.set_title("isoFLOP curves (star: fitted minimum, x: the dial's depth)")
+    iso.set_title("isoFLOP curves (star: fitted minimum, hollow if outside the sweep; x: the dial's depth)",
+                  fontsize=10)
     iso.grid(alpha=0.3, which="both")
     if budgets:
         iso.legend(fontsize=8)
