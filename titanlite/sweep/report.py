@@ -69,12 +69,14 @@ def verdict_lines(fit: SweepFit, choices: dict[float, DialChoice], near_bpb: flo
         c = choices.get(f.budget)
         if c is None or c.bpb_gap is None:
             continue
-        where = "" if c.inside else ", outside the swept sizes (extrapolated)"
-        verdict = "near the optimum" if c.bpb_gap <= near_bpb else "off the optimum"
+        where = "" if c.inside else "; that size is outside the swept sizes (extrapolated)"
+        where += "" if f.bracketed else "; the minimum itself lies outside the swept sizes (extrapolated)"
+        verdict = (f"near the optimum (gap <= {near_bpb:g})" if c.bpb_gap <= near_bpb
+                   else f"off the optimum (gap > {near_bpb:g})")
         lines.append(f"budget {budget_label(f.budget)}: the dial (ratio {c.ratio:g}) trains d{c.depth} "
                      f"({c.params:,} params, {c.params_vs_opt:.2f}x N_opt, its ratio-{c.ratio:g} run costs "
                      f"{c.flops:.3g} FLOPs); fitted val_bpb {c.bpb_fit:.4f} vs optimum {f.bpb_opt:.4f}: "
-                     f"{c.bpb_gap:+.4f} bpb, {verdict} (within {near_bpb} bpb){where}")
+                     f"{c.bpb_gap:+.4f} bpb, {verdict}{where}")
     return lines
 
 
