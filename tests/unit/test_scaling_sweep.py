@@ -93,18 +93,21 @@ def test_sweep_killed_mid_run_restarts_without_repeating_finished_runs(home, tmp
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(home, tmp_path):
     out = tmp_path / "sweep"
-    # 1e8 FLOPs is 2 steps of d1 but under one step of d2 (8.85e5 FLOPs/token x 256 tokens = 2.3e8)
-    proc = _sweep(home, "--depths", "1,2", "--flops", "1e8", "--out", str(out))
+    # d2 costs 8.85e5 FLOPs/token x 256 tokens = 2.3e8 FLOPs a step: 1e8 rounds to 0 steps (the trainer refuses),
+    # 2.5e8 to 1 step. Runs go budget by budget, so the failure comes first and the next run must still happen.
+    args = ["--depths", "2", "--flops", "1e8,2.5e8", "--out", str(out)]
+    proc = _sweep(home, *args)
     text, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, text
     failure = json.loads((out / "C1e8-d2" / "sweep_failure.json").read_text())
     assert failure["error"].startswith("error: the horizon from training.target_flops gives 0 steps")
     assert failure["exit_code"] == 2
-    assert "C1e8-d2: FAILED" in text and "C1e8-d1: finished" in text
+    assert text.index("C1e8-d2: FAILED") < text.index("C2.5e8-d2: finished"), text
     data = json.loads((out / "sweep.json").read_text())
-    assert {r["name"]: r["status"] for r in data["runs"]} == {"C1e8-d1": "finished", "C1e8-d2": "failed"}
+    assert {r["name"]: r["status"] for r in data["runs"]} == {"C1e8-d2": "failed", "C2.5e8-d2": "finished"}
+    assert data["runs"][1]["steps"] == 1
     # run again: nothing to do, the failure is kept rather than retried
-    again = _sweep(home, "--depths", "1,2", "--flops", "1e8", "--out", str(out))
+    again = _sweep(home, *args)
     text, _ = again.communicate(timeout=90)
     assert again.returncode == 0 and "1 failed before" in text and "0 to run" in text, text
     assert (out / "C1e8-d2" / "train.log").read_text().count("error: the horizon") == 1
