@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from unittest import mock
@@ -236,6 +237,11 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None) ->
 
     from titanlite.train import Trainer
 
+    if world_size < 2:
+        # one process trains without FSDP; its meta -> fake materialisation trips over FakeTensorMode's weak
+        # references (nn.Module._apply cannot swap the tensors), so only sharded worlds are simulated
+        raise UserError("--simulate needs --world-size 2 or more (one GPU without FSDP cannot be simulated yet); "
+                        "the estimate above covers one GPU")
     start = time.perf_counter()
     backend = simulated_backend(config)
     config = simulation_config(config)
@@ -247,7 +253,7 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None) ->
     trainer.config, trainer.world, trainer.device, trainer.is_main = config, world, world.device, True
     trainer.spec, trainer.plan, trainer.compute_dtype = spec, plan, torch.bfloat16 \
         if config.training.dtype == "bfloat16" else torch.float32
-    with gpu_code_paths(), FakeTensorMode(allow_non_fake_inputs=True):
+    with _quiet(), gpu_code_paths(), FakeTensorMode(allow_non_fake_inputs=True):
         trainer.model = assemble_model(spec, plan.model_args, config, world, trainer.compute_dtype, init=False,
                                        announce_kernel=False)
         trainer.model.set_attention_backend(backend)
@@ -274,6 +280,19 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None) ->
                      breakdown=_breakdown(snapshot), seconds=time.perf_counter() - start,
                      fsdp_units=fsdp_unit_names(trainer.model), optimizer_groups=optimizer_groups(trainer.optimizers),
                      muon_owned=owned, static_bytes=static)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The assembly's start-up lines (float8, AC, FSDP) once per simulated batch would drown the report."""
+    from titanlite.logging_utils import logger
+
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def simulated_backend(config) -> str:
