@@ -261,10 +261,10 @@ def _estimated_batch(config, world_size: int, gpu_bytes: int, mode: str) -> int 
 
 # ----- remembered for the out-of-memory advice ---------------------------------------------------------------
 
-def fit_key(config, world_size: int, gpu_gib: float) -> str:
+def fit_key(config, world_size: int) -> str:
     m, p = config.model, config.parallelism
     return (f"{m.name} d{m.depth} T{m.max_seq_len} ar{m.aspect_ratio} hd{m.head_dim} float8={config.float8.enabled} "
-            f"world {world_size} replicate {p.dp_replicate} gpu {round(gpu_gib)} GiB")
+            f"world {world_size} replicate {p.dp_replicate}")
 
 
 def _fits_path() -> Path:
@@ -275,17 +275,38 @@ def remember_fit(config, world_size: int, gpu_gib: float, best: dict[str, int | 
     path = _fits_path()
     try:
         entries = json.loads(path.read_text()) if path.is_file() else {}
-        entries[fit_key(config, world_size, gpu_gib)] = best
+        entries.setdefault(fit_key(config, world_size), {})[f"{gpu_gib:g}"] = best
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(entries, indent=2, sort_keys=True))
         os.replace(tmp, path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass  # only a cache: the advice then names the command instead
 
 
+# a GPU reports a little less than its marketed size (an "80 GB" H100: 79.1 GiB): match within this share
+GPU_SIZE_MATCH = 0.08
+
+
 def remembered_fit(config, world_size: int, gpu_gib: float) -> dict | None:
+    """The fits remembered for this model and world on a GPU of about `gpu_gib` (the closest size within 8%)."""
     try:
-        return json.loads(_fits_path().read_text()).get(fit_key(config, world_size, gpu_gib))
-    except (OSError, ValueError, AttributeError):
+        by_size = json.loads(_fits_path().read_text()).get(fit_key(config, world_size)) or {}
+        sizes = [float(k) for k in by_size if abs(float(k) - gpu_gib) <= GPU_SIZE_MATCH * float(k)]
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
+    return by_size[f"{min(sizes, key=lambda k: abs(k - gpu_gib)):g}"] if sizes else None
+
+
+def oom_simulation_hint(config, world) -> tuple[dict | None, str]:
+    """(the fits `plan --simulate` remembered for this model, world and GPU, or None; the command that finds
+    them) for the out-of-memory line. CUDA only: the simulation budgets a GPU's memory."""
+    if world.device.type != "cuda":
+        return None, ""
+    import torch
+
+    gpu_gib = torch.cuda.get_device_properties(world.device).total_memory / GIB
+    name = torch.cuda.get_device_name(world.device).split()[-1].lower()
+    command = (f"python -m titanlite.plan --simulate --job.config_file {config.job.config_file or 'FILE'} "
+               f"--world-size {world.world_size} --gpu {name}")
+    return remembered_fit(config, world.world_size, gpu_gib), command

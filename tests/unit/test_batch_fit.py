@@ -45,3 +45,28 @@ def test_user_batch_that_does_not_divide_names_the_setting():
         plan_at(64, total_batch_size=2 ** 20)
     with pytest.raises(UserError, match=r"set --training.total_batch_size=2097152 "):
         plan_at(1024, total_batch_size=2 ** 20)
+
+
+def test_oom_advice_names_the_simulated_batch(tmp_path, monkeypatch):
+    """Issue 24 point 5: after `plan --simulate` the out-of-memory line names the batch the simulation found."""
+    import torch
+
+    from titanlite.config import load_config
+    from titanlite.device import out_of_memory_message
+    from titanlite.plan_simulate import remember_fit, remembered_fit
+
+    monkeypatch.setenv("TITANLITE_HOME", str(tmp_path))
+    config = load_config(["--job.config_file", "gpt2_d26.toml"])
+    assert remembered_fit(config, 8, 79.1) is None
+    remember_fit(config, 8, 80, {"none": 16, "full": 64})
+    fit = remembered_fit(config, 8, 79.1)  # an 80 GB H100 reports 79.1 GiB
+    assert fit == {"none": 16, "full": 64} and remembered_fit(config, 64, 79.1) is None
+    assert remembered_fit(config, 8, 139.8) is None  # another GPU size
+    line = out_of_memory_message(32, torch.device("cuda", 0), fit)
+    assert line.endswith("the simulation says --training.device_batch_size=16 fits (64 with "
+                         "--activation_checkpoint.mode=full)")
+    line = out_of_memory_message(16, torch.device("cuda", 0), {"none": None, "full": 8})
+    assert line.endswith("--training.device_batch_size=8 --activation_checkpoint.mode=full fits")
+    line = out_of_memory_message(32, torch.device("cuda", 0), None, "python -m titanlite.plan --simulate X")
+    assert "device_batch_size=16 " in line and line.endswith("`python -m titanlite.plan --simulate X` finds the "
+                                                             "largest that fits")
