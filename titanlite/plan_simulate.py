@@ -125,7 +125,7 @@ def format_simulation(config, result: SimResult, gpu: str, gpu_gib: float | None
                        result.world_size, spec)
     est = _estimate(config, result.world_size, plan, compiled=False)
     b = result.breakdown
-    lines = [f"Simulated training step (rank 0 of {result.world_size:,}, {_mesh_text(result)}; device batch "
+    lines = [f"Simulated training step (rank {result.rank} of {result.world_size:,}, {_mesh_text(result)}; device batch "
              f"{result.device_batch_size}, AC {result.ac_mode}, {result.micro_steps} of {result.plan_micro_steps} "
              f"micro-steps; {result.seconds:.0f} s on this CPU):",
              f"  {'':26}{'estimate':>12}{'simulated':>12}   (simulated: at the peak)"]
@@ -220,7 +220,9 @@ def ladder_report(config, world_size: int, gpu: str, gpu_gib: float, mfu: float,
         plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, cfg.data.vocab_size, world_size, spec)
         chosen = None
         for mode in ("none", "full"):
-            guess = _estimated_batch(cfg, world_size, gpu_bytes, mode) or plan.device_batch_size
+            guess = _estimated_batch(cfg, world_size, gpu_bytes, mode)
+            if guess is None:  # no estimate: from the config's batch; nothing fits the estimate: from the smallest
+                guess = plan.device_batch_size if spec.estimate_memory is None else 1
             batch, runs = largest_fitting_batch(cfg, world_size, gpu_bytes, mode, guess)
             if batch is not None:
                 chosen = (batch, mode, runs[batch].peak_bytes)

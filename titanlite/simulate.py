@@ -63,6 +63,7 @@ def gpu_allowance(peak_bytes: int) -> int:
 @dataclass
 class SimResult:
     world_size: int
+    rank: int
     dp_replicate: int
     dp_shard: int
     device_batch_size: int
@@ -171,19 +172,19 @@ def _breakdown(snapshot: dict) -> dict[str, int]:
 
 # ----- the fake world ----------------------------------------------------------------------------------------
 
-def _fake_world(world_size: int, dp_shard: int, dp_replicate: int) -> WorldInfo:
+def _fake_world(world_size: int, dp_shard: int, dp_replicate: int, rank: int = 0) -> WorldInfo:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        if dist.get_backend() != "fake" or dist.get_world_size() != world_size:
+        if dist.get_backend() != "fake" or dist.get_world_size() != world_size or dist.get_rank() != rank:
             if dist.get_backend() != "fake":
                 raise UserError("the simulation needs a process of its own: a real process group is already up")
             dist.destroy_process_group()
     if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     replicate, shard = resolve_degrees(world_size, dp_shard, dp_replicate)
     mesh = build_mesh("cpu", world_size, shard, replicate)  # outside fake mode: the mesh holds real rank lists
-    return WorldInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), mesh=mesh,
+    return WorldInfo(rank=rank, world_size=world_size, local_rank=0, device=torch.device("cpu"), mesh=mesh,
                      dp_shard=shard, dp_replicate=replicate)
 
 
@@ -230,9 +231,10 @@ def _local_bytes(tensors) -> int:
     return total
 
 
-def simulate_step(config, world_size: int, *, micro_steps: int | None = None) -> SimResult:
-    """One training step of `config` as rank 0 of `world_size` fake ranks; `micro_steps` caps the micro-steps run
-    (memory from the second micro-step on repeats itself: each holds the previous one's gradients)."""
+def simulate_step(config, world_size: int, *, micro_steps: int | None = None, rank: int = 0) -> SimResult:
+    """One training step of `config` as `rank` of `world_size` fake ranks; `micro_steps` caps the micro-steps run
+    (memory from the second micro-step on repeats itself: each holds the previous one's gradients). Rank 0 holds
+    the most (first shard rows, first Muon matrices); the last rank the least, possibly nothing."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from titanlite.train import Trainer
@@ -247,10 +249,12 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None) ->
     config = simulation_config(config)
     spec = get_train_spec(config.model.name)
     plan = derive_plan(config.model, config.training, config.optimizer, config.data.vocab_size, world_size, spec)
-    world = _fake_world(world_size, config.parallelism.dp_shard, config.parallelism.dp_replicate)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not in a world of {world_size}")
+    world = _fake_world(world_size, config.parallelism.dp_shard, config.parallelism.dp_replicate, rank)
     steps = plan.grad_accum_steps if micro_steps is None else max(1, min(micro_steps, plan.grad_accum_steps))
     trainer = Trainer.__new__(Trainer)  # the trainer's own step and optimizer construction, without data or IO
-    trainer.config, trainer.world, trainer.device, trainer.is_main = config, world, world.device, True
+    trainer.config, trainer.world, trainer.device, trainer.is_main = config, world, world.device, rank == 0
     trainer.spec, trainer.plan, trainer.compute_dtype = spec, plan, torch.bfloat16 \
         if config.training.dtype == "bfloat16" else torch.float32
     with _quiet(), gpu_code_paths(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -274,7 +278,7 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None) ->
     muon = trainer.optimizers.muon
     owned = {} if muon is None else {g["name"]: len(layout.owned) for g, layout in
                                      zip(muon.param_groups, muon.layouts)}
-    return SimResult(world_size=world_size, dp_replicate=world.dp_replicate, dp_shard=world.dp_shard,
+    return SimResult(world_size=world_size, rank=rank, dp_replicate=world.dp_replicate, dp_shard=world.dp_shard,
                      device_batch_size=plan.device_batch_size, ac_mode=config.activation_checkpoint.mode,
                      micro_steps=steps, plan_micro_steps=plan.grad_accum_steps, peak_bytes=int(peak),
                      breakdown=_breakdown(snapshot), seconds=time.perf_counter() - start,
