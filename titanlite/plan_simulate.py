@@ -135,7 +135,7 @@ def format_simulation(config, result: SimResult, gpu: str, gpu_gib: float | None
                 ("gradients", est.gradients, b["gradients"]),
                 ("optimizer states", est.optimizer_states, b["optimizer states"]),
                 ("activations + temporaries", act, b["activations"] + b["temporaries"] + b["other"])]
-        estimate_total = est.static + act
+        estimate_total = est.total_ac if result.ac_mode != "none" else est.total
     else:
         rows = [("parameters + bf16 copies", None, b["parameters"]), ("gradients", None, b["gradients"]),
                 ("optimizer states", None, b["optimizer states"]),
@@ -151,8 +151,8 @@ def format_simulation(config, result: SimResult, gpu: str, gpu_gib: float | None
                      f"estimate {gap:+.1%} ({verdict} within {AGREEMENT:.0%}; the estimate is eager, as simulated)")
         compiled = _estimate(config, result.world_size, plan, compiled=True)
         if compiled is not None:
-            act_c = compiled.activations_ac if result.ac_mode != "none" else compiled.activations
-            lines.append(f"  {'estimate with compile':<26}{_gib(compiled.static + act_c):>12}"
+            total_c = compiled.total_ac if result.ac_mode != "none" else compiled.total
+            lines.append(f"  {'estimate with compile':<26}{_gib(total_c):>12}"
                          f"{'':12}   (torch.compile is not simulated)")
     else:
         lines.append(f"  {'peak per GPU':<26}{'-':>12}{_gib(peak):>12}   (this family has no estimate)")

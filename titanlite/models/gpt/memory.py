@@ -162,4 +162,5 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
         weight_copies=weight_copies,
         activations=activation_bytes(plan, compute_bytes, set(), fused_head, compiled),
         activations_ac=activation_bytes(plan, compute_bytes, with_ac, fused_head, compiled),
-        ac_mode=ac_mode if asked else "full", shard_degree=shard, compute_bytes=compute_bytes, compiled=compiled)
+        ac_mode=ac_mode if asked else "full", shard_degree=shard, compute_bytes=compute_bytes, compiled=compiled,
+        accumulates=plan.grad_accum_steps > 1)
