@@ -166,11 +166,13 @@ def format_simulation(config, result: SimResult, gpu: str, gpu_gib: float | None
         lines.append(f"  {gpu}: {verdict} ({need / GIB:.2f} of {gpu_gib:.0f} GiB)")
     if best is not None and gpu_gib:
         parts = []
+        largest = max(batch_candidates(config, result.world_size), default=None)
         for mode, batch in best.items():
             if batch is None:
                 parts.append(f"AC {mode}: none (not even device batch 1)")
             else:
-                parts.append(f"AC {mode}: {batch} (simulated {best_peaks[mode] / GIB:.2f} GiB)")
+                limit = ", the most the total batch allows" if batch == largest else ""
+                parts.append(f"AC {mode}: {batch} (simulated {best_peaks[mode] / GIB:.2f} GiB{limit})")
         lines.append(f"  largest device batch that fits {gpu_gib:.0f} GiB: " + "; ".join(parts))
     if result.fsdp_units:
         lines.append(f"  FSDP units: {len(result.fsdp_units)} ({', '.join(result.fsdp_units[:4])}, ...)")
