@@ -277,7 +277,7 @@ def simulate_step(config, world_size: int, *, micro_steps: int | None = None, ra
                   "optimizer states": _local_bytes(_optimizer_state_tensors(trainer.optimizers))}
     muon = trainer.optimizers.muon
     owned = {} if muon is None else {g["name"]: len(layout.owned) for g, layout in
-                                     zip(muon.param_groups, muon.layouts)}
+                                     zip(muon.param_groups, getattr(muon, "layouts", ()))}
     return SimResult(world_size=world_size, rank=rank, dp_replicate=world.dp_replicate, dp_shard=world.dp_shard,
                      device_batch_size=plan.device_batch_size, ac_mode=config.activation_checkpoint.mode,
                      micro_steps=steps, plan_micro_steps=plan.grad_accum_steps, peak_bytes=int(peak),
@@ -310,5 +310,5 @@ def _optimizer_state_tensors(optimizers):
         for state in opt.state.values():
             yield from (v for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
     muon = optimizers.muon
-    if muon is not None:
-        yield from muon._second_moments
+    if muon is not None:  # NorMuon's second moments live beside the per-parameter state, on their owners
+        yield from getattr(muon, "_second_moments", ())
