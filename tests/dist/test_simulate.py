@@ -154,3 +154,23 @@ def test_simulation_wraps_the_same_units_and_groups_as_a_real_gloo_step(simulate
     assert names == [(g[0], g[1]) for g in sim["optimizer_groups"]]
     assert shapes == [[list(s) for s in g[2]] for g in sim["optimizer_groups"]]
     assert real[1][0] == units  # both real ranks agree
+
+
+def test_plan_simulate_command_line(tmp_path):
+    """`python -m titanlite.plan --simulate` end to end on d4 x 8 ranks: the report, the fit, the largest batch
+    (2 x 256 x 8 x 2 micro-steps = 8,192 tokens: device batches 1, 2 and 4 tile it, and a d4 fits 80 GiB at all);
+    one process is refused in one line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
+           "TITANLITE_HOME": str(tmp_path)}  # the fits it remembers go to a folder of its own
+    argv = CASES["d4_fsdp8"][0]
+    proc = subprocess.run([sys.executable, "-m", "titanlite.plan", "--simulate", "--world-size", "8", "--gpu", "h100",
+                           *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert '"none": 4' in (tmp_path / "simulated_fits.json").read_text()
+    assert "Simulated training step (rank 0 of 8, FSDP over 8; device batch 2, AC full, 2 of 2 micro-steps" in out
+    assert "h100: fits" in out and "not simulated: " in out
+    assert "largest device batch that fits 80 GiB: AC none: 4 (" in out and "; AC full: 4 (" in out
+    proc = subprocess.run([sys.executable, "-m", "titanlite.plan", "--simulate", *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --simulate needs")
