@@ -101,7 +101,8 @@ def build_report(config, world_size: int, mfu: float, gpu: str) -> dict:
 def format_report(report: dict) -> str:
     plan, secs = report["plan"], report["wall_clock_s"]
     memory = (format_memory(report["memory"], plan, report["gpu_memory_gib"]) if report["memory"] is not None
-              else f"Memory per GPU: no estimate for model.name = {plan.model_name!r} (its TrainSpec has none)")
+              else f"Memory per GPU: no estimate for model.name = {plan.model_name!r} (its TrainSpec has none; "
+                 "--simulate measures it)")
     return "\n".join([
         format_plan(plan),
         memory,
