@@ -37,6 +37,13 @@ CASES = {  # name -> (argv, world, dp_replicate); total batch = 2 micro-steps of
     "d8_fsdp8": (BASE + ["--model.depth=8", "--training.total_batch_size=8192"], 8, 1),
     "d8_hsdp2x4": (BASE + ["--model.depth=8", "--training.total_batch_size=8192"], 8, 2),
     "d4_world2": (BASE + ["--model.depth=4", "--training.total_batch_size=2048"], 2, 1),
+    # the planner's estimate against the measurement, for both families, with and without AC
+    "gpt_d4_noac": (BASE + ["--model.depth=4", "--training.total_batch_size=8192", "--activation_checkpoint.mode=none",
+                            "--float8.enabled=false"], 8, 1),
+    "llama_d4_noac": (BASE + ["--model.depth=4", "--training.total_batch_size=8192", "--model.name=llama",
+                              "--activation_checkpoint.mode=none", "--float8.enabled=false"], 8, 1),
+    "llama_d4_ac": (BASE + ["--model.depth=4", "--training.total_batch_size=8192", "--model.name=llama",
+                            "--float8.enabled=false"], 8, 1),
 }
 
 SIMULATE_ALL = textwrap.dedent("""
@@ -174,3 +181,16 @@ def test_plan_simulate_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "titanlite.plan", "--simulate", *argv], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --simulate needs")
+
+
+@pytest.mark.parametrize("case", ["d4_fsdp8", "gpt_d4_noac", "llama_d4_noac", "llama_d4_ac"])
+def test_planner_estimate_within_ten_percent_of_the_simulated_peak(simulated, case):
+    """Issue 24 point 3: the analytic estimate (eager, as simulated) against the measured peak."""
+    argv, world, _ = CASES[case]
+    config = load_config(argv)
+    spec = get_train_spec(config.model.name)
+    plan = derive_plan(config.model, config.training, config.optimizer, config.data.vocab_size, world, spec)
+    est = spec.estimate_memory(plan, 2, world, config.activation_checkpoint.mode, 2, compiled=False)
+    total = est.total_ac if config.activation_checkpoint.mode != "none" else est.total
+    peak = simulated[case]["peak_bytes"]
+    assert abs(total - peak) / peak < 0.10, (case, total, peak)

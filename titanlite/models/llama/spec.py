@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from titanlite.models.llama.memory import estimate_memory
 from titanlite.models.llama.model import Llama, LlamaArgs, count_flops_per_token, count_params
 from titanlite.parallelize import parallelize
 from titanlite.spec import (ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, adam_betas,
@@ -70,4 +71,4 @@ def parallelize_llama(model, world, compile_cfg, float8_cfg, ac_cfg, param_dtype
 LLAMA_SPEC = TrainSpec(
     name="llama", model_args_cls=LlamaArgs, model_cls=Llama, build_args=build_args, counts=counts,
     describe=describe, optimizer_groups=optimizer_groups, parallelize=parallelize_llama,
-    export_format="titanlite-llama-v1")
+    estimate_memory=estimate_memory, export_format="titanlite-llama-v1")
