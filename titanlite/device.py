@@ -75,10 +75,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
                                               or "can't allocate memory" in str(exc).lower())
 
 
-def out_of_memory_message(device_batch_size: int, device: torch.device) -> str:
+def out_of_memory_message(device_batch_size: int, device: torch.device, simulated: dict | None = None,
+                          simulate_command: str = "") -> str:
+    """simulated: {"none": batch, "full": batch} that `python -m titanlite.plan --simulate` found to fit this
+    model, world size and GPU (None where nothing fits); simulate_command: how to find them where not known."""
+    prefix = f"out of memory on {device} at training.device_batch_size={device_batch_size}: "
+    if simulated:
+        plain, full = simulated.get("none"), simulated.get("full")
+        if plain and plain < device_batch_size:
+            extra = f" ({full} with --activation_checkpoint.mode=full)" if full and full > plain else ""
+            return prefix + f"the simulation says --training.device_batch_size={plain} fits{extra}"
+        if full:
+            return prefix + (f"the simulation says --training.device_batch_size={full} "
+                             "--activation_checkpoint.mode=full fits")
+        return prefix + "the simulation found no device batch that fits: use a smaller model (--model.depth)"
     smaller = 1 << max(0, (device_batch_size - 1).bit_length() - 1)  # next power of two below
     if smaller >= device_batch_size:
         smaller = device_batch_size // 2
     advice = (f"reduce it, e.g. --training.device_batch_size={smaller} (the total batch is kept by gradient "
               f"accumulation)" if smaller >= 1 else "use a smaller model (--model.depth) or a shorter context")
-    return f"out of memory on {device} at training.device_batch_size={device_batch_size}: {advice}"
+    if simulate_command:
+        advice += f"; `{simulate_command}` finds the largest that fits"
+    return prefix + advice

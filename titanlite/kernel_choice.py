@@ -21,10 +21,12 @@ def agree_attention_backend(requested: str, device_type: str, dtype: torch.dtype
     """(backend, start-up lines) as select_attention_backend returns them, the same on every rank.
 
     Collective when `distributed` and a process group of several ranks exists: every rank must call it. A
-    one-process assembly inside a distributed job (distributed=False) decides alone.
+    one-process assembly inside a distributed job (distributed=False) decides alone, and so does rank 0 of a fake
+    process group (plan --simulate): its collectives move no data, and object collectives cannot run under fake
+    tensors.
     """
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not (distributed and several):
+    if not (distributed and several) or dist.get_backend() == "fake":
         return select_attention_backend(requested, device_type, dtype, window_pattern)
     decision: list[dict | None] = [None]
     if dist.get_rank() == 0:

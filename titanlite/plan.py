@@ -1,7 +1,12 @@
-"""`python -m titanlite.plan --job.config_file FILE [--world-size N] [--mfu 0.4] [--gpu h100] [--section.key=v]`
+"""`python -m titanlite.plan --job.config_file FILE [--world-size N] [--mfu 0.4] [--gpu h100] [--simulate [--ladder]]
+[--section.key=v]`
 
 Before renting GPUs: the derived plan (the same block the trainer prints), the estimated memory per GPU and a
 wall-clock estimate, without building a model. Every `--section.key=value` of the trainer works here too.
+
+--simulate runs one real training step on a fake process group of N ranks (titanlite.simulate) and prints the
+measured per-rank peak next to the estimate, whether it fits --gpu and the largest device batch that does, with and
+without activation checkpointing; --ladder adds the deepest model whose compute-optimal run fits.
 
 Memory is the model family's own estimate (TrainSpec.estimate_memory: the GPT's is in models/gpt/memory.py,
 counted tensor by tensor); a family without one gets the plan and the wall clock only."""
@@ -98,7 +103,8 @@ def build_report(config, world_size: int, mfu: float, gpu: str) -> dict:
 def format_report(report: dict) -> str:
     plan, secs = report["plan"], report["wall_clock_s"]
     memory = (format_memory(report["memory"], plan, report["gpu_memory_gib"]) if report["memory"] is not None
-              else f"Memory per GPU: no estimate for model.name = {plan.model_name!r} (its TrainSpec has none)")
+              else f"Memory per GPU: no estimate for model.name = {plan.model_name!r} (its TrainSpec has none; "
+                 "--simulate measures it)")
     return "\n".join([
         format_plan(plan),
         report["fault_costs"],
@@ -115,6 +121,11 @@ def parse_args(argv: list[str]):
                    help="GPUs (default: parallelism.world_size, or 1)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the wall-clock estimate")
     p.add_argument("--gpu", default="h100", help="GPU name for the peak-FLOPs table and memory size")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run one real training step on a fake process group of --world-size ranks and "
+                        "report the measured per-rank peak and the largest device batch that fits --gpu")
+    p.add_argument("--ladder", action="store_true",
+                   help="with --simulate: the deepest model (d12..d48) whose compute-optimal run fits --gpu")
     return p.parse_known_args(argv)
 
 
@@ -125,7 +136,17 @@ def main(argv: list[str]) -> int:
     config = load_config(rest)
     world = args.world_size or (config.parallelism.world_size if config.parallelism.world_size > 0 else 1)
     init_logger()
-    logger.info(format_report(build_report(config, world, args.mfu, args.gpu)))
+    report = build_report(config, world, args.mfu, args.gpu)
+    if args.ladder:
+        if not args.simulate or not report["gpu_memory_gib"]:
+            raise UserError("--ladder needs --simulate and a --gpu whose memory is known (e.g. h100, h200, a100)")
+        from titanlite.plan_simulate import ladder_report
+        logger.info(ladder_report(config, world, args.gpu, report["gpu_memory_gib"], args.mfu, report["peak_flops"]))
+        return 0
+    logger.info(format_report(report))
+    if args.simulate:
+        from titanlite.plan_simulate import simulate_report  # fake process groups: only when asked for
+        logger.info(simulate_report(config, world, args.gpu, report["gpu_memory_gib"]))
     return 0
 
 

@@ -57,6 +57,7 @@ class Plan:
     weight_decay: float
     weight_decay_scaled: float          # wd * sqrt(B / 2^19) * N12 / N (Muon)
     groups: dict[str, GroupSettings]    # every optimizer group exactly as the optimizers are built with it
+    batch_note: str = ""                # what the automatic batch changed to fit the world size, if anything
 
     @property
     def group_lrs(self) -> dict[str, float]:
@@ -67,6 +68,37 @@ def auto_total_batch_size(scaling_params: int, reference_scaling_params: int) ->
     """2^round(log2(2^19 · (N / N12)^0.383)); D/D_REF = N/N12 because the ratio cancels."""
     target = REFERENCE_BATCH * (scaling_params / reference_scaling_params) ** BATCH_SIZE_EXPONENT
     return 2 ** round(math.log2(target))
+
+
+def fit_batch_to_world(total: int, device_batch: int, seq_len: int, world_size: int,
+                       auto_batch: bool) -> tuple[int, int, str]:
+    """(total batch, device batch, note): every rank's micro-steps must tile the total batch exactly.
+
+    An automatic total batch is the planner's to fit: the device batch is lowered to the largest that divides it
+    (a smaller device batch only adds micro-steps), and where even one sequence per rank is more than the
+    automatic batch (2^20 tokens over 2,048-token sequences stops dividing beyond 512 ranks) the total batch
+    rises to the smallest multiple of one sequence per rank, and the note says so. A total batch the user set is
+    theirs: a mismatch stops with one line naming the setting that works.
+    """
+    sequence_step = seq_len * world_size  # one sequence on every rank
+    if total % (device_batch * sequence_step) == 0:
+        return total, device_batch, ""
+    fitting = [b for b in range(device_batch, 0, -1) if total % (b * sequence_step) == 0]
+    if not auto_batch:
+        hint = (f"--training.device_batch_size={fitting[0]}" if fitting else
+                f"--training.total_batch_size={-(-total // sequence_step) * sequence_step} (a multiple of "
+                f"max_seq_len x world_size = {sequence_step:,})")
+        raise UserError(
+            f"total batch size {total:,} tokens is not a multiple of device_batch_size x max_seq_len x world_size "
+            f"= {device_batch} x {seq_len} x {world_size} = {device_batch * sequence_step:,}; set {hint}")
+    if fitting:
+        return total, fitting[0], (f"device batch {device_batch} -> {fitting[0]} so that the auto total batch "
+                                   f"divides over {world_size:,} ranks")
+    raised = -(-total // sequence_step) * sequence_step
+    batch = next(b for b in range(device_batch, 0, -1) if raised % (b * sequence_step) == 0)
+    return raised, batch, (f"auto total batch {total:,} raised to {raised:,} tokens: one {seq_len:,}-token "
+                           f"sequence on each of {world_size:,} ranks is {sequence_step:,}; set "
+                           f"--training.total_batch_size to choose another multiple of it")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -91,12 +123,9 @@ def derive_plan(model_cfg, training_cfg, optimizer_cfg, vocab_size: int, world_s
     auto_batch = training_cfg.total_batch_size <= 0
     total_batch_size = (auto_total_batch_size(scaling_params, reference_scaling_params) if auto_batch
                         else training_cfg.total_batch_size)
-    micro = training_cfg.device_batch_size * seq_len * world_size
-    if total_batch_size % micro:
-        raise UserError(
-            f"total batch size {total_batch_size:,} tokens{' (auto)' if auto_batch else ''} is not a multiple of "
-            f"device_batch_size x max_seq_len x world_size = {training_cfg.device_batch_size} x {seq_len} x "
-            f"{world_size} = {micro:,}; change training.total_batch_size or training.device_batch_size")
+    total_batch_size, device_batch_size, batch_note = fit_batch_to_world(
+        total_batch_size, training_cfg.device_batch_size, seq_len, world_size, auto_batch)
+    micro = device_batch_size * seq_len * world_size
     grad_accum_steps = total_batch_size // micro
 
     ratio = training_cfg.target_param_data_ratio
@@ -126,19 +155,22 @@ def derive_plan(model_cfg, training_cfg, optimizer_cfg, vocab_size: int, world_s
         params=counts.params, scaling_params=scaling_params, reference_scaling_params=reference_scaling_params,
         flops_per_token=counts.flops_per_token, width=counts.width,
         total_batch_size=total_batch_size, auto_batch_size=auto_batch,
-        device_batch_size=training_cfg.device_batch_size, world_size=world_size, tokens_per_micro_step=micro,
+        device_batch_size=device_batch_size, world_size=world_size, tokens_per_micro_step=micro,
         grad_accum_steps=grad_accum_steps,
         num_iterations=num_iterations, horizon_source=source, total_tokens=total_tokens,
         tokens_per_param=total_tokens / scaling_params, total_flops=float(counts.flops_per_token) * total_tokens,
         batch_lr_scale=batch_lr_scale, width_lr_scale=width_lr_scale, weight_decay=wd,
         weight_decay_scaled=weight_decay_scaled, groups=spec.optimizer_groups(optimizer_cfg, scales),
+        batch_note=batch_note,
     )
 
 
 def format_plan(plan: Plan) -> str:
     """One block: integers in full, FLOPs with 5 significant digits."""
     p = plan.params
-    batch_note = f"auto, 2^{int(math.log2(plan.total_batch_size))}" if plan.auto_batch_size else "set by user"
+    exponent = math.log2(plan.total_batch_size)
+    batch_note = (("auto, " + (f"2^{int(exponent)}" if exponent.is_integer() else "raised")) if plan.auto_batch_size
+                  else "set by user")
     muon = [name for name, g in plan.groups.items() if g.optimizer == "muon"]
     lines = [
         f"Plan for depth {plan.depth}:",
@@ -148,6 +180,7 @@ def format_plan(plan: Plan) -> str:
         f"  FLOPs per token   : {plan.flops_per_token:.4e}",
         f"  tokens per step   : {plan.total_batch_size:,} ({batch_note}) = {plan.device_batch_size} seqs x "
         f"{plan.seq_len:,} tokens x {plan.world_size} ranks x {plan.grad_accum_steps} micro-steps",
+        *([f"  batch fitted      : {plan.batch_note}"] if plan.batch_note else []),
         f"  grad accumulation : {plan.grad_accum_steps:,} steps",
         f"  iterations        : {plan.num_iterations:,} (from training.{plan.horizon_source})",
         f"  total tokens      : {plan.total_tokens:,}",

@@ -535,7 +535,9 @@ def run_training(config) -> int:
         raise
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):
-            raise UserError(out_of_memory_message(config.training.device_batch_size, trainer.device)) from None
+            from titanlite.plan_simulate import oom_simulation_hint
+            raise UserError(out_of_memory_message(trainer.plan.device_batch_size, trainer.device,
+                                                  *oom_simulation_hint(config, trainer.world))) from None
         lost = lost_peer_line(exc, trainer.world.rank)
         if lost:
             raise UserError(lost) from None

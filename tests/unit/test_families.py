@@ -80,4 +80,4 @@ def test_llama_dry_run_prints_its_plan(home, capsys):
     out = capsys.readouterr().out
     # depth 26: width 64 x 26 = 1664 (13 heads of 128; 13 is prime, so 1 kv head), SwiGLU 8/3 x 1664 = 4437.3 -> 4608
     assert "model             : llama | depth 26 | width 1,664 | heads 13 x 128 (kv heads 1) | ffn 4,608" in out
-    assert "Memory per GPU: no estimate for model.name = 'llama'" in out
+    assert "Memory per GPU (estimate; one device, no FSDP" in out  # models/llama/memory.py

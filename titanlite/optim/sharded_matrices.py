@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
@@ -145,10 +147,14 @@ def describe_group(params: list[torch.Tensor]) -> GroupLayout:
         raise ValueError(f"Muon supports Shard(0) on one mesh dim (FSDP2 / HSDP); got placements {placements}")
     if mesh.size() == 1:
         return GroupLayout(len(params), rows, cols, None, 1, 0)
-    mesh_ranks = mesh.mesh.flatten().tolist()
+    # The mesh's rank table is a plain CPU tensor; read its values outside any fake-tensor mode (plan --simulate
+    # builds the optimizer under FakeTensorMode, which refuses to read values).
+    with unset_fake_temporarily():
+        mesh_ranks = mesh.mesh.flatten().tolist()
     coordinates = {}  # global rank -> (shard index, replica index): the replica index numbers the other dims
-    for flat, global_rank in enumerate(mesh_ranks):
-        coords = list(torch.unravel_index(torch.tensor(flat), tuple(mesh.mesh.shape)))
+    all_coords = itertools.product(*(range(size) for size in mesh.mesh.shape))  # row-major: the flatten order
+    for global_rank, coords in zip(mesh_ranks, all_coords):
+        coords = list(coords)
         shard = int(coords.pop(shard_dims[0])) if shard_dims else 0
         others = [mesh.mesh.shape[d] for d in range(mesh.ndim) if not shard_dims or d != shard_dims[0]]
         replica = 0

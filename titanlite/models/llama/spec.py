@@ -18,6 +18,7 @@ import math
 import torch
 
 from titanlite.models.llama.hf import to_hf
+from titanlite.models.llama.memory import estimate_memory
 from titanlite.models.llama.model import Llama, LlamaArgs, count_flops_per_token, count_params
 from titanlite.parallelize import parallelize
 from titanlite.spec import (ADAMW, MUON, GroupSettings, LRScales, ModelCounts, TrainSpec, adam_betas,
@@ -72,4 +73,4 @@ def parallelize_llama(model, world, compile_cfg, float8_cfg, ac_cfg, param_dtype
 LLAMA_SPEC = TrainSpec(
     name="llama", model_args_cls=LlamaArgs, model_cls=Llama, build_args=build_args, counts=counts,
     describe=describe, optimizer_groups=optimizer_groups, parallelize=parallelize_llama,
-    export_format="titanlite-llama-v1", to_hf=to_hf)
+    estimate_memory=estimate_memory, export_format="titanlite-llama-v1", to_hf=to_hf)
