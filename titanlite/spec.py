@@ -171,3 +171,14 @@ def checkpointed_blocks(n_layer: int, mode: str, selective_every: int) -> set[in
     if mode == "selective":
         return {i for i in range(n_layer) if i % max(1, selective_every) == 0}
     return set()
+
+
+def weight_copy_bytes(compute_bytes: int, shard: int, matrices: int, n_layer: int, lm_head: int) -> int:
+    """Compute-dtype weight copies alive during a step. FSDP: the unsharded blocks in flight (the current one and
+    the prefetched next) plus the head kept gathered; one device in bf16: each linear's bf16 copy is kept for its
+    backward; one device in fp32: none (the masters are used directly)."""
+    if shard > 1:
+        return compute_bytes * (2 * matrices // max(1, n_layer) + lm_head)
+    if compute_bytes < 4:
+        return compute_bytes * (matrices + lm_head)
+    return 0

@@ -166,21 +166,10 @@ def test_losing_an_agent_shrinks_the_world_and_goes_on(reference, home, tmp_path
 
 def _printed_losses(argv) -> dict[int, float]:
     """The printed (smoothed) loss of every step of an in-process run, read from its step lines."""
-    import logging
+    from tests.helpers.runs import logged_lines
 
-    from titanlite.logging_utils import logger
-
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with logged_lines() as lines:
         train_losses(argv)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     return step_losses("\n".join(lines))
 
 

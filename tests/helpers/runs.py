@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 
@@ -34,6 +36,27 @@ def prepared_home(tmp_path_factory, argv: list[str]):
         yield path
     finally:
         mp.undo()
+
+
+@contextlib.contextmanager
+def logged_lines():
+    """The messages titanlite's logger emits (INFO and up) inside the block, appended to the yielded list; for code
+    outside a test function (spawned workers, helpers), where the `captured` fixture cannot reach."""
+    import logging
+
+    from titanlite.logging_utils import logger
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def train_losses(argv: list[str]) -> dict[int, float]:

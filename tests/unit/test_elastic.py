@@ -4,7 +4,6 @@ torchrun's shared store, the lock of an earlier attempt, and the plan's fault co
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from datetime import timedelta
@@ -14,11 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.runs import prepared_home, train_losses
+from tests.helpers.runs import logged_lines, prepared_home, train_losses
 from titanlite.agent_store import attempt_prefix
 from titanlite.checkpoint import list_steps
 from titanlite.elastic import choose_resume, world_change_line
-from titanlite.logging_utils import logger
 from titanlite.save_clock import SaveClock
 
 BASE = [
@@ -162,17 +160,8 @@ def home(tmp_path_factory):
 
 def _captured(argv) -> tuple[dict[int, float], list[str]]:
     """(raw step losses, every INFO line) of an in-process run."""
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with logged_lines() as lines:
         return train_losses(argv), lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def test_auto_starts_fresh_then_resumes_step_4_past_a_leftover_tmp(home, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from titanlite.attention import uses_banded_sdpa, uses_causal_halves
 from titanlite.models.gpt.model import VE_GATE_CHANNELS, has_value_embedding, window_sizes
 from titanlite.models.gpt.ops import HEAD_CHUNK_ELEMENTS
-from titanlite.spec import MemoryEstimate, checkpointed_blocks
+from titanlite.spec import MemoryEstimate, checkpointed_blocks, weight_copy_bytes
 
 FP32 = 4
 
@@ -148,13 +148,7 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     second_moment = a.n_layer * per_layer + ve_gates
     optimizer = FP32 * (2 * adamw_params + matrices + second_moment)
     shard = max(1, shard_degree)
-    blocks = max(1, a.n_layer)
-    if shard > 1:  # FSDP: unsharded compute-dtype params of ~2 blocks in flight + the head kept gathered
-        weight_copies = compute_bytes * (2 * matrices // blocks + p["lm_head"])
-    elif compute_bytes < FP32:  # one device, bf16: each linear's bf16 weight copy is kept for its backward
-        weight_copies = compute_bytes * (matrices + p["lm_head"])
-    else:
-        weight_copies = 0
+    weight_copies = weight_copy_bytes(compute_bytes, shard, matrices, a.n_layer, p["lm_head"])
     asked = checkpointed_blocks(a.n_layer, ac_mode, selective_every)
     with_ac = asked if asked else checkpointed_blocks(a.n_layer, "full", 1)
     return MemoryEstimate(

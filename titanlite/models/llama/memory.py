@@ -10,7 +10,7 @@ Not counted: the CUDA context and allocator fragmentation.
 
 from __future__ import annotations
 
-from titanlite.spec import MemoryEstimate, checkpointed_blocks
+from titanlite.spec import MemoryEstimate, checkpointed_blocks, weight_copy_bytes
 
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids, kept by the embedding's backward
@@ -64,12 +64,7 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     second_moment = a.n_layer * sum(max(shape) for shape in shapes)
     optimizer = FP32 * (2 * (total - matrices) + matrices + second_moment)
     shard = max(1, shard_degree)
-    if shard > 1:  # FSDP: the unsharded compute-dtype blocks in flight (current + prefetch) and the gathered head
-        weight_copies = compute_bytes * (2 * matrices // max(1, a.n_layer) + p["lm_head"])
-    elif compute_bytes < FP32:  # one device: each linear's compute-dtype weight copy is kept for its backward
-        weight_copies = compute_bytes * (matrices + p["lm_head"])
-    else:
-        weight_copies = 0
+    weight_copies = weight_copy_bytes(compute_bytes, shard, matrices, a.n_layer, p["lm_head"])
     asked = checkpointed_blocks(a.n_layer, ac_mode, selective_every)
     with_ac = asked if asked else checkpointed_blocks(a.n_layer, "full", 1)
     return MemoryEstimate(
