@@ -52,6 +52,8 @@ SIMULATION_NOTES = (
     "attention: FA3 stood in for by flash SDPA, which keeps the same output + log-sum-exp for backward",
     "torch.compile is not simulated (inductor needs real kernels): the step runs eagerly",
     "float8: torchao's emulated matmuls (the float8 casts and saved float8 tensors are the real ones)",
+    "time: a fake process group moves no data, so no collective's latency is simulated, the stop/save agreement "
+    "included (one all-reduce of 4 ints on a gloo group about once a second, titanlite.step_control, not per step)",
 )
 
 
