@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
+from titanlite.models.gpt.mix_ops import gated_add, scaled_sum, smear
 from titanlite.models.gpt.ops import (apply_rotary, embedding, fill_rope_tables, relu_squared, rms_norm,
                                      softcapped_cross_entropy)
 
@@ -178,9 +179,9 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value residual: one gate in (0, 3) per kv-head and position
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.reshape(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: one gate in (0, 3) per kv-head and position (fp32 gate gradients)
+            v = gated_add(v, ve.reshape(B, T, self.n_kv_head, self.head_dim), x[..., :VE_GATE_CHANNELS],
+                          self.ve_gate.weight, 3.0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)
         if kv_cache is not None:
@@ -291,12 +292,10 @@ class GPT(nn.Module):
     # ----- forward ---------------------------------------------------------------------------------------------
     def _smear(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
         """x_t += smear_lambda·sigmoid(w·x_t[:24])·x_{t-1}, on pre-smear vectors; the first position is untouched."""
-        lam = self.smear_lambda.to(x.dtype)
         if kv_cache is None or kv_cache.pos == 0:
-            cur = x[:, 1:]
-            gate = lam * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
-            out = torch.cat([x[:, :1], cur + gate * x[:, :-1]], dim=1)
+            out = smear(x, self.smear_lambda, self.smear_gate.weight)
         else:  # decoding: the previous token's embedding comes from the cache
+            lam = self.smear_lambda.to(x.dtype)
             prev = torch.cat([kv_cache.prev_embed, x[:, :-1]], dim=1)
             out = x + lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * prev
         if kv_cache is not None:
@@ -318,26 +317,33 @@ class GPT(nn.Module):
         cos = self.rope_cos[:, pos:pos + T].to(dtype)
         sin = self.rope_sin[:, pos:pos + T].to(dtype)
 
-        x = self._smear(norm(self.wte(idx).to(dtype)), kv_cache)
+        # the x0 stream (normed, smeared embedding) stays in fp32 (or the compute dtype if wider): it is one
+        # (B, T, C) tensor that every layer mixes in, and its gradient, summed over all layers, reaches the
+        # embeddings and the smear parameters unrounded. The blocks run in `dtype` from the first mix on.
+        x = self._smear(norm(self.wte(idx).to(torch.promote_types(dtype, torch.float32))), kv_cache)
         x0 = x
         backout_at = self.args.n_layer // 2
         # flex block masks: built (once per shape, cached) here, outside the compiled blocks, and passed in
         masks = attention_masks(self.attention_backend, T, self.windows, idx.device) if kv_cache is None else None
         x_backout = x
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=dtype)
             key = str(i)
-            ve = self.value_embeds[key](idx).to(dtype) if key in self.value_embeds else None
+            ve = self.value_embeds[key](idx) if key in self.value_embeds else None  # gated_add upcasts it
             x = block(x, ve, cos, sin, kv_cache, masks[self.windows[i]] if masks else None)
             if i == backout_at:
                 x_backout = x
-        x = norm(x - self.backout_lambda.to(dtype) * x_backout)
+        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda))
         if kv_cache is not None:
             kv_cache.advance(T)
 
         if targets is None:
             return self.logits(x)
         return self.loss(x, targets, loss_reduction)
+
+    @staticmethod
+    def _one(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float32, device=x.device)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Head on the final normed stream: crop the vocab padding, fp32, softcap."""

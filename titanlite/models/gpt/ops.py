@@ -65,11 +65,9 @@ class _RmsNorm(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
         inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
-        if xf is x:
-            y = x * (inv_rms * scale)
-        else:  # bf16: round the normalised x, then scale and round again, exactly as F.rms_norm(x) * scale
-            y = (xf * inv_rms).to(x.dtype)
-            y = y.mul_(scale) if scale != 1.0 else y
+        # bf16: computed in fp32 and rounded once (F.rms_norm(x) * scale rounds the normalised x, then the
+        # scaled one: two roundings, as many as the QK-norm's whole gradient error budget)
+        y = (xf * (inv_rms * scale)).to(x.dtype)
         ctx.save_for_backward(y, inv_rms)
         ctx.scale = scale
         return y
@@ -190,10 +188,11 @@ def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool, vocab_dim:
     underflows fp32 shifts by the row max instead.
     """
     d = vocab_dim
-    valid = (tgt >= 0).to(torch.float32)
+    work = torch.promote_types(x_c.dtype, torch.float32)  # fp32, or fp64 for a float64 reference
+    valid = (tgt >= 0).to(work)
     tgt = tgt.clamp_min(0).unsqueeze(d)
     logits = torch.mm(w_v, x_c.t()) if d == 0 else torch.mm(x_c, w_v.t())
-    s = logits.float().mul_(-2.0 / softcap).sigmoid_()      # s = (1 - t) / 2, kept for the gradient
+    s = logits.to(work).mul_(-2.0 / softcap).sigmoid_()      # s = (1 - t) / 2, kept for the gradient
     if softcap <= MAX_SHIFT_FREE_SOFTCAP:
         shift = torch.full_like(valid, softcap)
         shifted = torch.mul(s, -2.0 * softcap).exp_()         # exp(z - c), in [e^-2c, 1]
@@ -212,6 +211,42 @@ def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool, vocab_dim:
     return loss, grad.mul_(s.addcmul_(s, s, value=-1.0))      # x s (1 - s): through the softcap
 
 
+# Devices whose eager fused head runs each chunk's elementwise work (softcap, logsumexp, softmax gradient, the
+# cast of that gradient to the compute dtype: ~10 passes over a 4096 x 32768 fp32 chunk) as one compiled kernel.
+# On CUDA the model compiles per block and the head runs eagerly outside them; on CPU the head is either inside a
+# whole-model compile already, or eager where a compile of its own measured no gain at d4.
+COMPILED_HEAD_DEVICES = {"cuda"}
+_compiled_chunk_kernel = None
+
+
+def _chunk_loss_and_grad(x_c, w_v, tgt, softcap: float, vocab_dim: int, grad_dtype: torch.dtype):
+    """(loss per row, gradient of the logits in grad_dtype) of one chunk."""
+    loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
+    return loss, grad.to(grad_dtype)
+
+
+def _chunk_kernel(device_type: str):
+    global _compiled_chunk_kernel
+    if device_type not in COMPILED_HEAD_DEVICES or torch.compiler.is_compiling():
+        return _chunk_loss_and_grad
+    if _compiled_chunk_kernel is None:  # shapes are fixed per run (plus one for a shorter last chunk)
+        _compiled_chunk_kernel = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk_kernel
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_t: torch.Tensor, x_c: torch.Tensor) -> None:
+    """acc += grad_t @ x_c with fp32 accumulation. Low-precision operands: on CUDA the GEMM writes its fp32
+    accumulator straight into acc (addmm with out_dtype); CPU kernels have no such variant, so the chunk's
+    partial is rounded to the compute dtype once before it is added (2^-9 relative per chunk, measured ~0.1 %
+    of the head's gradient at d4: the partials of 32 chunks round independently)."""
+    if grad_t.dtype == acc.dtype and x_c.dtype == acc.dtype:
+        acc.addmm_(grad_t, x_c)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, grad_t, x_c, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(grad_t, x_c))
+
+
 class _FusedSoftcapCrossEntropy(torch.autograd.Function):
     """Summed loss over rows; forward also produces d(sum)/dx and d(sum)/dW (fp32 accumulation)."""
 
@@ -220,20 +255,18 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
         n_rows = x.size(0)
         w_v = weight[:vocab_size]
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        work = torch.promote_types(x.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=work, device=weight.device)
         grad_w_v = grad_w[:vocab_size]
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=work, device=x.device)
+        chunk = _chunk_kernel(x.device.type)
         for start in range(0, n_rows, chunk_rows):
             x_c, tgt = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
+            loss, grad = chunk(x_c, w_v, tgt, softcap, vocab_dim, x.dtype)
             total += loss.sum()
-            grad = grad.to(x.dtype)
             rows_major = grad if vocab_dim == 1 else grad.t()      # (rows, vocab) views of the logit gradient
             torch.mm(rows_major, w_v, out=grad_x[start:start + chunk_rows])
-            if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
-                grad_w_v.addmm_(rows_major.t(), x_c)
-            else:
-                grad_w_v.add_(torch.mm(rows_major.t(), x_c))
+            _accumulate_weight_grad(grad_w_v, rows_major.t(), x_c)
             del loss, grad, rows_major  # else this chunk's buffers live on through the next one's: 3 at peak, not 2
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -242,8 +275,8 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_x, grad_w = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
+        scale = grad_output.to(grad_w.dtype)  # e.g. 1 / tokens: applied unrounded, each result rounded once
+        return ((grad_x.to(grad_w.dtype) * scale).to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
                 None, None, None, None, None)
 
 

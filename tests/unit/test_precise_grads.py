@@ -1,0 +1,135 @@
+"""bf16 parameter gradients of the GPT's mixing ops (mix_ops) against float64 textbook formulas.
+
+Each case feeds the same bf16-representable inputs to the op in bf16 and to the plain formula in float64, with an
+upstream gradient built to cancel (as the rms-norm backward makes the real one nearly orthogonal to the stream),
+so the true gradient is small against its terms. The bound allows what rounding the final result to bf16 costs
+(2^-8 relative) plus fp32 summation (2^-20 of the sum of |terms|); rounding every product to bf16, as eager
+bf16 autograd does, costs ~2^-9 sqrt(sum of terms^2), which each test also shows is far outside the bound.
+"""
+
+import torch
+
+from titanlite.models.gpt import mix_ops
+
+BF16_RESULT = 2.0 ** -8
+FP32_SUM = 2.0 ** -20
+
+
+def bf16_values(*shape, gen, scale=1.0):
+    """float64 tensor of bf16-representable values."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).bfloat16().double()
+
+
+def cancelling(reference_dirs, gen):
+    """A bf16-representable upstream gradient orthogonal to each tensor in reference_dirs up to its own rounding
+    to bf16 (what is left of sum g x is that rounding: ~1e-4 of sum |g x|)."""
+    g = torch.randn(reference_dirs[0].shape, generator=gen, dtype=torch.float64)
+    for d in reference_dirs:
+        g = g - (g * d).sum() / (d * d).sum() * d
+    return g.bfloat16().double()
+
+
+def within_bound(got, want, terms_abs_sum):
+    """|got - want| <= 2^-8 |want| + 2^-20 sum|terms|, elementwise; returns the worst ratio error / bound."""
+    bound = BF16_RESULT * want.abs() + FP32_SUM * terms_abs_sum
+    return float(((got.double() - want).abs() / bound).max())
+
+
+def test_scaled_sum_scalar_gradients_are_fp32_reductions(monkeypatch):
+    monkeypatch.setitem(mix_ops.MIX_CHUNK_ELEMENTS, "cpu", 1000)  # several chunks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    x, y = bf16_values(8, 64, 48, gen=gen), bf16_values(8, 64, 48, gen=gen)
+    g = cancelling([x, y], gen)
+    a, b = torch.tensor(1.1), torch.tensor(0.17)
+    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+    xb, yb = x.bfloat16().requires_grad_(), y.bfloat16().requires_grad_()
+    out = mix_ops.scaled_sum(xb, a_, yb, b_)
+    out.backward(g.bfloat16())
+    want_a, want_b = (g * x).sum(), (g * y).sum()  # d(a x + b y)/da = sum g x
+    assert within_bound(a_.grad, want_a, (g * x).abs().sum()) <= 1.0
+    assert within_bound(b_.grad, want_b, (g * y).abs().sum()) <= 1.0
+    # activations: g a and g b rounded once each (half an ulp: at most 2^-8 relative)
+    assert torch.all((xb.grad.double() - g * 1.1).abs() <= 2.0 ** -8 * (g * 1.1).abs() + 1e-30)
+    # forward: a x + b y rounded once
+    exact = 1.1 * x + 0.17 * y
+    assert torch.all((out.detach().double() - exact).abs() <= 2.0 ** -8 * exact.abs() * (1 + 1e-6))
+
+    # eager bf16 autograd of the same formula is far outside the bound on the same numbers
+    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+    (a_.bfloat16() * x.bfloat16() + b_.bfloat16() * y.bfloat16()).backward(g.bfloat16())
+    assert within_bound(a_.grad, want_a, (g * x).abs().sum()) > 4.0
+
+
+def test_scaled_sum_mixed_dtypes_keep_each_input_dtype():
+    gen = torch.Generator().manual_seed(1)
+    x = bf16_values(2, 5, 8, gen=gen).bfloat16().requires_grad_()
+    y = bf16_values(2, 5, 8, gen=gen).float().requires_grad_()  # the fp32 x0 stream
+    a, b = torch.tensor(0.5, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    out = mix_ops.scaled_sum(x, a, y, b, out_dtype=torch.bfloat16)
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and y.grad.dtype == torch.float32
+    torch.testing.assert_close(y.grad, torch.full_like(y, 2.0))
+    torch.testing.assert_close(b.grad, y.detach().sum())
+
+
+def textbook_smear(x, lam, w):
+    cur, prev = x[:, 1:], x[:, :-1]
+    gate = lam * torch.sigmoid(cur[..., :w.size(-1)] @ w.t())
+    return torch.cat([x[:, :1], cur + gate * prev], dim=1)
+
+
+def test_smear_parameter_gradients_are_fp32_reductions():
+    gen = torch.Generator().manual_seed(2)
+    B, T, C, k = 4, 128, 64, 24
+    x = bf16_values(B, T, C, gen=gen)
+    prev_stream = torch.cat([torch.zeros(B, 1, C, dtype=torch.float64), x[:, :-1]], dim=1)
+    g = cancelling([prev_stream], gen)  # the gate's gradient, sum_c g_t x_{t-1}, cancels over tokens
+    lam = torch.tensor([0.3])
+    w = (torch.rand(1, k, generator=gen) * 0.02).bfloat16().float()
+    lam64, w64, x64 = lam.double().requires_grad_(), w.double().requires_grad_(), x.clone().requires_grad_()
+    textbook_smear(x64, lam64, w64).backward(g)
+    lam_, w_ = lam.clone().requires_grad_(), w.clone().requires_grad_()
+    xb = x.bfloat16().requires_grad_()
+    mix_ops.smear(xb, lam_, w_).backward(g.bfloat16())
+    s = torch.sigmoid(x[:, 1:, :k] @ w.double().t())
+    lam_terms = (s * g[:, 1:] * x[:, :-1]).abs().sum()
+    assert within_bound(lam_.grad, lam64.grad, lam_terms) <= 1.0
+    w_terms = ((0.3 * s * (1 - s)) * (g[:, 1:] * x[:, :-1]).abs().sum(-1, keepdim=True) * x[:, 1:, :k].abs())
+    assert within_bound(w_.grad, w64.grad, w_terms.sum((0, 1))) <= 1.0
+    # the stream's own gradient: an fp32 result rounded once per element (half a bf16 ulp: 2^-8 relative at most)
+    torch.testing.assert_close(xb.grad.double(), x64.grad, rtol=2.0 ** -8, atol=1e-6 * float(g.abs().max()))
+
+    # eager bf16 autograd of the textbook smear misses the bound on the same numbers
+    lam_, w_ = lam.clone().requires_grad_(), w.clone().requires_grad_()
+    xb = x.bfloat16()
+    cur, prev = xb[:, 1:], xb[:, :-1]
+    gate = lam_.bfloat16() * torch.sigmoid(cur[..., :k] @ w_.bfloat16().t())
+    torch.cat([xb[:, :1], cur + gate * prev], dim=1).backward(g.bfloat16())
+    assert within_bound(lam_.grad, lam64.grad, lam_terms) > 4.0
+
+
+def textbook_gated_add(v, ve, x_k, w, scale):
+    return v + scale * torch.sigmoid(x_k @ w.t()).unsqueeze(-1) * ve
+
+
+def test_value_gate_weight_gradient_is_an_fp32_reduction():
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, D, k = 4, 96, 2, 64, 12
+    v, ve = bf16_values(B, T, H, D, gen=gen), bf16_values(B, T, H, D, gen=gen)
+    x_k = bf16_values(B, T, k, gen=gen)
+    g = cancelling([ve], gen)
+    w = (torch.rand(H, k, generator=gen) * 0.02).bfloat16().float()
+    w64 = w.double().requires_grad_()
+    textbook_gated_add(v, ve, x_k, w64, 3.0).backward(g)
+    w_ = w.clone().requires_grad_()
+    mix_ops.gated_add(v.bfloat16(), ve.bfloat16(), x_k.bfloat16(), w_, 3.0).backward(g.bfloat16())
+    s = torch.sigmoid(x_k @ w.double().t())                                     # (B, T, H)
+    per_token = (3.0 * s * (1 - s)) * (g * ve).abs().sum(-1)                   # |terms| summed over D
+    terms = torch.einsum("bth,btk->hk", per_token, x_k.abs())
+    assert within_bound(w_.grad, w64.grad, terms) <= 1.0
+
+    w_ = w.clone().requires_grad_()
+    xb = x_k.bfloat16()
+    gate = 3 * torch.sigmoid(xb @ w_.bfloat16().t())
+    (v.bfloat16() + gate.unsqueeze(-1) * ve.bfloat16()).backward(g.bfloat16())
+    assert within_bound(w_.grad, w64.grad, terms) > 4.0
