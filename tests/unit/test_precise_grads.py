@@ -133,3 +133,62 @@ def test_value_gate_weight_gradient_is_an_fp32_reduction():
     gate = 3 * torch.sigmoid(xb @ w_.bfloat16().t())
     (v.bfloat16() + gate.unsqueeze(-1) * ve.bfloat16()).backward(g.bfloat16())
     assert within_bound(w_.grad, w64.grad, terms) > 4.0
+
+
+def test_fused_head_applies_the_upstream_scale_unrounded():
+    """The loss is divided by the token count in bf16 runs: grad_x is scaled in fp32 and rounded once (before,
+    the scale itself was rounded to bf16, a systematic 2^-9-relative error on every element, then the product)."""
+    from titanlite.models.gpt.ops import softcapped_cross_entropy
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 32, generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(64, 32, generator=gen) * 0.5).bfloat16()
+    targets = torch.randint(0, 64, (40,), generator=gen)
+    (unscaled,) = torch.autograd.grad(softcapped_cross_entropy(x, weight, targets, 15.0, 64, "sum"), x)
+    (scaled,) = torch.autograd.grad(softcapped_cross_entropy(x, weight, targets, 15.0, 64, "sum") / 3.0, x)
+    want = unscaled.double() / 3.0  # the same bf16 gradient, exactly divided
+    assert torch.all((scaled.double() - want).abs() <= 2.0 ** -8 * want.abs())
+    rounded_scale = unscaled * torch.tensor(1 / 3.0).bfloat16()  # the old backward
+    assert torch.any((rounded_scale.double() - want).abs() > 2.0 ** -8 * want.abs())
+
+
+def test_fused_head_compiled_chunk_matches_the_eager_chunk(monkeypatch):
+    """The chunk kernel CUDA runs compiled (COMPILED_HEAD_DEVICES), exercised here on CPU by inductor: the same
+    loss and gradients as the eager chunk."""
+    from titanlite.models.gpt import ops as gpt_ops
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 16, generator=gen, requires_grad=True)
+    weight = (torch.randn(64, 16, generator=gen) * 3.0).requires_grad_()
+    targets = torch.randint(0, 60, (24,), generator=gen)
+    targets[3] = -1
+    monkeypatch.setitem(gpt_ops.HEAD_CHUNK_ELEMENTS, "cpu", 8 * 64)  # 3 chunks of 8 rows
+    eager = gpt_ops.softcapped_cross_entropy(x, weight, targets, 15.0, 60, "sum")
+    eager_grads = torch.autograd.grad(eager, (x, weight))
+    monkeypatch.setattr(gpt_ops, "COMPILED_HEAD_DEVICES", {"cpu"})
+    monkeypatch.setattr(gpt_ops, "_compiled_chunk_kernel", None)
+    assert gpt_ops._chunk_kernel("cpu") is not gpt_ops._chunk_loss_and_grad
+    compiled = gpt_ops.softcapped_cross_entropy(x, weight, targets, 15.0, 60, "sum")
+    compiled_grads = torch.autograd.grad(compiled, (x, weight))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_in_bf16_rounds_once_with_fp32_tables():
+    """bf16 q/k rotated by fp32 tables: each output within half a bf16 ulp of the exact rotation (plus fp32's own
+    rounding of the two products), where rounding the products and the sum in bf16 misses that bound."""
+    from titanlite.models.gpt.ops import apply_rotary
+
+    gen = torch.Generator().manual_seed(6)
+    x = bf16_values(2, 64, 2, 16, gen=gen)
+    angles = torch.rand(1, 64, 1, 8, generator=gen, dtype=torch.float64) * 6
+    cos, sin = angles.cos().float(), angles.sin().float()
+    x1, x2, c, s = x[..., :8], x[..., 8:], cos.double(), sin.double()
+    exact = torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=-1)
+    terms = torch.cat([(x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()], dim=-1)
+    got = apply_rotary(x.bfloat16(), cos, sin)
+    assert got.dtype == torch.bfloat16
+    assert torch.all((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 2.0 ** -22 * terms)
+    in_bf16 = apply_rotary(x.bfloat16(), cos.bfloat16(), sin.bfloat16())  # tables and arithmetic in bf16
+    assert torch.any((in_bf16.double() - exact).abs() > 2.0 ** -8 * exact.abs() + 2.0 ** -22 * terms)

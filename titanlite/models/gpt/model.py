@@ -314,8 +314,10 @@ class GPT(nn.Module):
         if pos + T > self.rope_cos.size(1):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the RoPE table ({self.rope_cos.size(1)})")
         dtype = self.compute_dtype
-        cos = self.rope_cos[:, pos:pos + T].to(dtype)
-        sin = self.rope_sin[:, pos:pos + T].to(dtype)
+        # RoPE tables stay fp32 (or wider) for bf16: rounding them to bf16 would shift every angle by up to 2^-9
+        table_dtype = torch.promote_types(dtype, torch.float32)
+        cos = self.rope_cos[:, pos:pos + T].to(table_dtype)
+        sin = self.rope_sin[:, pos:pos + T].to(table_dtype)
 
         # the x0 stream (normed, smeared embedding) stays in fp32 (or the compute dtype if wider): it is one
         # (B, T, C) tensor that every layer mixes in, and its gradient, summed over all layers, reaches the

@@ -21,12 +21,15 @@ def fill_rope_tables(cos: torch.Tensor, sin: torch.Tensor, base: float) -> None:
 
 
 def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves."""
+    """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves.
+    Computed in the tables' dtype (fp32 for bf16 activations) and rounded to x's dtype once: in bf16 the
+    product and the multiply-add would each round, the QK-norm after it rounds again."""
     d = x.size(-1) // 2
-    y = x * cos2
-    y[..., :d].addcmul_(x[..., d:], sin)
-    y[..., d:].addcmul_(x[..., :d], sin, value=-1.0)
-    return y
+    xw = x.to(torch.promote_types(x.dtype, cos2.dtype))
+    y = xw * cos2
+    y[..., :d].addcmul_(xw[..., d:], sin)
+    y[..., d:].addcmul_(xw[..., :d], sin, value=-1.0)
+    return y.to(x.dtype)
 
 
 class _Rotary(torch.autograd.Function):
@@ -46,7 +49,7 @@ class _Rotary(torch.autograd.Function):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2)."""
+    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2), fp32 tables for bf16 x (rounded once)."""
     return _Rotary.apply(x, cos, sin)
 
 
