@@ -192,3 +192,19 @@ def test_rotary_in_bf16_rounds_once_with_fp32_tables():
     assert torch.all((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 2.0 ** -22 * terms)
     in_bf16 = apply_rotary(x.bfloat16(), cos.bfloat16(), sin.bfloat16())  # tables and arithmetic in bf16
     assert torch.any((in_bf16.double() - exact).abs() > 2.0 ** -8 * exact.abs() + 2.0 ** -22 * terms)
+
+
+def test_head_weight_gradient_accumulates_in_fp32_on_fake_cuda_tensors():
+    """The CUDA branch of the head's weight-gradient accumulation (bf16 operands, the GEMM's fp32 output added
+    into the fp32 buffer) on fake CUDA tensors: dispatch, shapes and dtypes only (this build has no CUDA
+    kernels, and views of fake CUDA tensors need a device guard it lacks, so the whole head cannot run here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from titanlite.models.gpt.ops import _accumulate_weight_grad
+
+    with FakeTensorMode():
+        acc = torch.zeros(128, 32, device="cuda")
+        grad_t = torch.empty(128, 300, dtype=torch.bfloat16, device="cuda")
+        x_c = torch.empty(300, 32, dtype=torch.bfloat16, device="cuda")
+        _accumulate_weight_grad(acc, grad_t, x_c)
+        assert acc.dtype == torch.float32 and acc.shape == (128, 32) and acc.device.type == "cuda"
