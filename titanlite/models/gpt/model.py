@@ -103,9 +103,9 @@ def count_flops_per_token(args: GPTArgs) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps)."""
-    return rms_norm(x, scale)
+def norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps), in out_dtype."""
+    return rms_norm(x, scale, out_dtype)
 
 
 class Linear(nn.Linear):
@@ -205,10 +205,12 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(args, layer_idx, window)
         self.mlp = MLP(args.n_embd)
+        self.compute_dtype = torch.float32  # set by GPT.set_compute_dtype
 
     def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, attn_mask)
-        return x + self.mlp(norm(x))
+        # x is the residual stream (fp32 in a bf16 run, see GPT.forward); the branches run in the compute dtype
+        x = x + self.attn(norm(x, out_dtype=self.compute_dtype), ve, cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(norm(x, out_dtype=self.compute_dtype))
 
 
 class GPT(nn.Module):
@@ -252,6 +254,8 @@ class GPT(nn.Module):
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Activation/matmul dtype; parameters stay fp32."""
         self.compute_dtype = dtype
+        for block in self.blocks:
+            block.compute_dtype = dtype
 
     def set_attention_backend(self, name: str) -> None:
         """A resolved backend name (see titanlite.attention.select_attention_backend)."""
@@ -319,23 +323,29 @@ class GPT(nn.Module):
         cos = self.rope_cos[:, pos:pos + T].to(table_dtype)
         sin = self.rope_sin[:, pos:pos + T].to(table_dtype)
 
-        # the x0 stream (normed, smeared embedding) stays in fp32 (or the compute dtype if wider): it is one
-        # (B, T, C) tensor that every layer mixes in, and its gradient, summed over all layers, reaches the
-        # embeddings and the smear parameters unrounded. The blocks run in `dtype` from the first mix on.
-        x = self._smear(norm(self.wte(idx).to(torch.promote_types(dtype, torch.float32))), kv_cache)
+        # The residual stream and x0 (the normed, smeared embedding) stay in fp32 (or the compute dtype if wider):
+        # the gradients of the per-layer scalars, the smear and the embeddings are sums over every token and
+        # channel of (stream gradient) x (stream), which in bf16 are mostly the rounding of the stream's gradient
+        # (bf16 gradients of x0_lambdas measured 37 % off at d4). Every branch (attention, MLP, head) still reads
+        # a bf16 norm of the stream and runs its matmuls in `dtype`; the stream costs fp32 adds and norm reads, and
+        # no more saved bytes (the mixes keep the stream rounded to `dtype` for their backward). Under FSDP the
+        # blocks' inputs are cast to the param dtype (bf16) by its mixed-precision policy, so there the stream is
+        # bf16 inside each block and fp32 between them.
+        stream = torch.promote_types(dtype, torch.float32)
+        x = self._smear(norm(self.wte(idx).to(stream)), kv_cache)
         x0 = x
         backout_at = self.args.n_layer // 2
         # flex block masks: built (once per shape, cached) here, outside the compiled blocks, and passed in
         masks = attention_masks(self.attention_backend, T, self.windows, idx.device) if kv_cache is None else None
         x_backout = x
         for i, block in enumerate(self.blocks):
-            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=dtype)
+            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=stream, save_x_as=dtype)
             key = str(i)
             ve = self.value_embeds[key](idx) if key in self.value_embeds else None  # gated_add upcasts it
             x = block(x, ve, cos, sin, kv_cache, masks[self.windows[i]] if masks else None)
             if i == backout_at:
                 x_backout = x
-        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda))
+        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda, save_x_as=dtype), out_dtype=dtype)
         if kv_cache is not None:
             kv_cache.advance(T)
 

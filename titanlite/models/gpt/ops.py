@@ -64,15 +64,19 @@ class _RmsNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale: float):
+    def forward(ctx, x, scale: float, out_dtype: torch.dtype):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
         inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
         # bf16: computed in fp32 and rounded once (F.rms_norm(x) * scale rounds the normalised x, then the
         # scaled one: two roundings, as many as the QK-norm's whole gradient error budget)
-        y = (xf * (inv_rms * scale)).to(x.dtype)
-        ctx.save_for_backward(y, inv_rms)
-        ctx.scale = scale
+        y = (xf * (inv_rms * scale)).to(out_dtype)
+        # an fp32 stream normed into bf16 keeps its fp32 input: the backward's projection on the rounded output
+        # would leave dx only approximately orthogonal to x, and the per-layer scalars' gradients are sums of
+        # dx . x0 (x0 ~ a component of x) that cancel down to that approximation (x0_lambdas 2.3 % off, not 0.4 %)
+        exact = torch.finfo(out_dtype).bits < torch.finfo(xf.dtype).bits
+        ctx.save_for_backward(x if exact else y, inv_rms)
+        ctx.scale, ctx.in_dtype, ctx.exact = scale, x.dtype, exact
         return y
 
     @staticmethod
@@ -80,20 +84,23 @@ class _RmsNorm(torch.autograd.Function):
         # dx = s r (g - n mean(g n)) with n = x r the unscaled normalised x = y / s and r = 1 / rms
         y, inv_rms = ctx.saved_tensors
         work = inv_rms.dtype
-        g, yf = grad.to(work), y.to(work)
+        g = grad.to(work)
+        yf = y.to(work) * (inv_rms * ctx.scale) if ctx.exact else y.to(work)  # saved x -> the unrounded y
         gy = g * yf
         mean_gy = gy.sum(dim=-1, keepdim=True).div_(y.size(-1) * ctx.scale * ctx.scale)
         dx = torch.mul(yf, mean_gy, out=gy)  # gy's buffer is free again once summed
-        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(grad.dtype), None
+        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(ctx.in_dtype), None, None
 
 
-def rms_norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)): one fused autograd function on CPU, PyTorch's kernel elsewhere
-    (CUDA has fused forward and backward kernels of its own, and compile fuses either)."""
+def rms_norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)) in out_dtype (default x's): one fused autograd function on CPU,
+    PyTorch's kernel elsewhere (CUDA has fused forward and backward kernels of its own, and compile fuses
+    either). An fp32 x normed into bf16 gets its gradient back in fp32."""
+    out_dtype = out_dtype or x.dtype
     if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
-        return _RmsNorm.apply(x, scale)
+        return _RmsNorm.apply(x, scale, out_dtype)
     y = F.rms_norm(x, (x.size(-1),))
-    return y * scale if scale != 1.0 else y
+    return (y * scale if scale != 1.0 else y).to(out_dtype)
 
 
 @torch.library.custom_op("titanlite::embedding_row_grads", mutates_args=())
