@@ -208,3 +208,30 @@ def test_head_weight_gradient_accumulates_in_fp32_on_fake_cuda_tensors():
         x_c = torch.empty(300, 32, dtype=torch.bfloat16, device="cuda")
         _accumulate_weight_grad(acc, grad_t, x_c)
         assert acc.dtype == torch.float32 and acc.shape == (128, 32) and acc.device.type == "cuda"
+
+
+def test_rms_norm_of_an_fp32_stream_into_bf16_has_an_exactly_orthogonal_gradient():
+    """The fp32 residual stream normed into bf16 for the matmuls: its gradient comes back in fp32, orthogonal to
+    each row of x up to fp32 rounding (d loss / dx of x / rms(x) has no component along x). Projecting on the
+    bf16-rounded output instead leaves ~2^-9 |g| |x| per row, which the per-layer scalars' gradients (sums of
+    dx . x0, x0 a component of x) collect."""
+    from titanlite.models.gpt.ops import rms_norm
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 32, 256, generator=gen).requires_grad_()
+    g = torch.randn(4, 32, 256, generator=gen).bfloat16()
+    y = rms_norm(x, 1.0, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    assert x.grad.dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    torch.nn.functional.rms_norm(x64, (256,), eps=torch.finfo(torch.float32).eps).backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    scale = (x.grad.norm(dim=-1) * x.detach().norm(dim=-1))
+    assert float(((x.grad * x.detach()).sum(-1).abs() / scale).max()) < 2.0 ** -18
+    # the same backward on the rounded output (n = y): orthogonal to y, not to x
+    n = y.detach().double()
+    gd = g.double()
+    r = 1.0 / x64.detach().pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float32).eps).sqrt()
+    dx_rounded = r * (gd - n * (gd * n).mean(-1, keepdim=True))
+    assert float(((dx_rounded * x64.detach()).sum(-1).abs() / scale.double()).max()) > 2.0 ** -14
