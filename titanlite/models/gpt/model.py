@@ -328,7 +328,8 @@ class GPT(nn.Module):
         # channel of (stream gradient) x (stream), which in bf16 are mostly the rounding of the stream's gradient
         # (bf16 gradients of x0_lambdas measured 37 % off at d4). Every branch (attention, MLP, head) still reads
         # a bf16 norm of the stream and runs its matmuls in `dtype`; the stream costs fp32 adds and norm reads, and
-        # no more saved bytes (the mixes keep the stream rounded to `dtype` for their backward). Under FSDP the
+        # its saved copies are fp32 (the mixes' and, on CPU, the norms' inputs: rounded, they would leave the
+        # resid_lambdas gradient at initialisation 1000x noisier than the compiled graph's). Under FSDP the
         # blocks' inputs are cast to the param dtype (bf16) by its mixed-precision policy, so there the stream is
         # bf16 inside each block and fp32 between them.
         stream = torch.promote_types(dtype, torch.float32)
@@ -339,13 +340,13 @@ class GPT(nn.Module):
         masks = attention_masks(self.attention_backend, T, self.windows, idx.device) if kv_cache is None else None
         x_backout = x
         for i, block in enumerate(self.blocks):
-            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=stream, save_x_as=dtype)
+            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=stream)
             key = str(i)
             ve = self.value_embeds[key](idx) if key in self.value_embeds else None  # gated_add upcasts it
             x = block(x, ve, cos, sin, kv_cache, masks[self.windows[i]] if masks else None)
             if i == backout_at:
                 x_backout = x
-        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda, save_x_as=dtype), out_dtype=dtype)
+        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda), out_dtype=dtype)
         if kv_cache is not None:
             kv_cache.advance(T)
 
