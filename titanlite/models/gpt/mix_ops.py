@@ -35,10 +35,9 @@ class _ScaledSum(torch.autograd.Function):
     """out = a x + b y for 0-d scalars a, b (fp32 parameters) and activations x, y of one shape, in out_dtype."""
 
     @staticmethod
-    def forward(ctx, x, a, y, b, out_dtype, save_x_as):
+    def forward(ctx, x, a, y, b, out_dtype):
         work = _work_dtype(out_dtype)
-        # the stream x may be kept for backward rounded (save_x_as): the same bytes a bf16 stream would keep
-        ctx.save_for_backward(x if save_x_as in (None, x.dtype) else x.to(save_x_as), a, y, b)
+        ctx.save_for_backward(x, a, y, b)
         ctx.x_dtype = x.dtype
         if torch.compiler.is_compiling():  # inductor fuses this into one pass and rounds once
             return (x.to(work) * a.to(work) + y.to(work) * b.to(work)).to(out_dtype)
@@ -61,7 +60,7 @@ class _ScaledSum(torch.autograd.Function):
             return ((g * a_w).to(ctx.x_dtype) if need_x else None,
                     torch.sum(g * x.to(work)).to(a.dtype) if need_a else None,
                     (g * b_w).to(y.dtype) if need_y else None,
-                    torch.sum(g * y.to(work)).to(b.dtype) if need_b else None, None, None)
+                    torch.sum(g * y.to(work)).to(b.dtype) if need_b else None, None)
         g, xf, yf = grad.reshape(-1), x.reshape(-1), y.reshape(-1)
         grad_a = torch.zeros((), dtype=work, device=x.device)
         grad_b = torch.zeros((), dtype=work, device=x.device)
@@ -78,16 +77,16 @@ class _ScaledSum(torch.autograd.Function):
             if need_y:
                 grad_y.view(-1)[s:e] = g_c * b_w
         return (grad_x, grad_a.to(a.dtype) if need_a else None, grad_y, grad_b.to(b.dtype) if need_b else None,
-                None, None)
+                None)
 
 
 def scaled_sum(x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, b: torch.Tensor,
-               out_dtype: torch.dtype | None = None, save_x_as: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """a x + b y in out_dtype (default x's dtype): a, b are 0-d (fp32 master) scalars, used unrounded; x, y
-    may be of different dtypes. save_x_as: keep x for backward in this dtype (rounded) instead of its own."""
+    may be of different dtypes (e.g. a bf16 x with the fp32 x0)."""
     if y is x:  # the first layer mixes x0 with itself; Dynamo cannot trace one tensor passed twice, a view it can
         y = y.view_as(y)
-    return _ScaledSum.apply(x, a.reshape(()), y, b.reshape(()), out_dtype or x.dtype, save_x_as)
+    return _ScaledSum.apply(x, a.reshape(()), y, b.reshape(()), out_dtype or x.dtype)
 
 
 class _Smear(torch.autograd.Function):
