@@ -9,10 +9,11 @@ checkpoint) go through four copies of the model in one process: the float64 eage
 the configured compute dtype eagerly and under torch.compile (the whole model, as compile.scope = auto does on
 one CPU process; --compile-scope blocks compiles each block alone, as CUDA runs do). Every parameter's gradient of
 the mean loss is compared with the reference: relative error = ||g - g_ref|| / ||g_ref||. The float32 column is
-the floor a cheaper dtype can hope for; where even it is large, the reference gradient is itself nearly zero by
-cancellation (at initialisation the per-layer scalars' gradients vanish exactly in exact arithmetic), and the
-`scale` column (sum over the gradient's terms of |term|, i.e. what a rounding of each term is relative to) says
-how small. Every option that is not a flag below is a config override (`--section.key=value`).
+the floor a cheaper dtype can hope for; where even it is more than 50 % off, the reference gradient is itself
+nearly zero by cancellation (at initialisation the per-layer scalars' gradients vanish exactly in exact
+arithmetic) and the table gives the absolute error instead. The mean loss of each copy is printed too: a gap
+there that the gradients do not show is a forward-precision effect. Every option that is not a flag below is a
+config override (`--section.key=value`).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def load_weights(models: dict, resume_from: Path | None, world) -> str:
     return where
 
 
-def gradients(model, inputs, targets) -> dict:
-    """{parameter name: float64 gradient} of the mean token loss on one batch."""
+def gradients(model, inputs, targets) -> tuple[float, dict]:
+    """(mean token loss, {parameter name: float64 gradient}) on one batch."""
     import torch
 
     from titanlite.spec import forward_sum_loss
@@ -95,7 +96,7 @@ def gradients(model, inputs, targets) -> dict:
     model.zero_grad(set_to_none=True)
     loss = forward_sum_loss(model, inputs, targets) / targets.numel()
     loss.backward()
-    return {name: p.grad.detach().to(torch.float64).clone() for name, p in model.named_parameters()}
+    return float(loss), {name: p.grad.detach().to(torch.float64).clone() for name, p in model.named_parameters()}
 
 
 def error_table(grads: dict, reference: str = "fp64") -> list[dict]:
@@ -170,14 +171,19 @@ def main(argv: list[str]) -> int:
     loader = build_loader(data_dir, "train", tokenizer, rows, plan.seq_len, device=world.device, prefetch=0)
     inputs, targets = next(iter(loader))
     loader.close()
-    grads = {label: gradients(model, inputs, targets) for label, model in models.items()}
+    results = {label: gradients(model, inputs, targets) for label, model in models.items()}
+    grads = {label: g for label, (_, g) in results.items()}
+    losses = {label: loss for label, (loss, _) in results.items()}
     table = error_table(grads)
     labels = [label for label in grads if label != "fp64"]
     print(f"precision probe: {where}; batch {rows} x {plan.seq_len}; CPU [{cpu_isa()}] "
           f"{torch.get_num_threads()} threads; error = ||g - g_fp64|| / ||g_fp64||")
     print(format_table(table, labels))
+    # the forward too: a difference here that the gradients do not show is a forward-precision effect
+    print("mean loss: " + " | ".join(f"{label} {loss:.6f} ({loss - losses['fp64']:+.2e})"
+                                       for label, loss in losses.items()))
     if args.json is not None:
-        args.json.write_text(json.dumps({"source": where, "rows": table}, indent=1))
+        args.json.write_text(json.dumps({"source": where, "losses": losses, "rows": table}, indent=1))
     return 0
 
 
