@@ -31,6 +31,7 @@ CAST_OPS = {"aten::to", "aten::_to_copy"}
 OPTIMIZER_LABEL, DATA_LABEL, HEAD_LABEL = "titanlite::optimizer", "titanlite::data", "titanlite::head"
 # autograd node / custom-function names -> a readable bucket (the rest keep their op name)
 NAMED_NODES = (("RmsNorm", "norm"), ("Rotary", "rope"), ("ReluSquared", "relu^2"), ("Embedding", "embedding"),
+               ("ScaledSum", "residual mix"), ("Smear", "smear"), ("GatedAdd", "gates"),
                ("Sigmoid", "gates (sigmoid)"), ("Cat", "smear (cat)"))
 
 

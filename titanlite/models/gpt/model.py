@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from titanlite.attention import attention, attention_masks, select_attention_backend
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
+from titanlite.models.gpt.mix_ops import gated_add, scaled_sum, smear
 from titanlite.models.gpt.ops import (apply_rotary, embedding, fill_rope_tables, relu_squared, rms_norm,
                                      softcapped_cross_entropy)
 
@@ -102,9 +103,9 @@ def count_flops_per_token(args: GPTArgs) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps)."""
-    return rms_norm(x, scale)
+def norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps), in out_dtype."""
+    return rms_norm(x, scale, out_dtype)
 
 
 class Linear(nn.Linear):
@@ -178,9 +179,9 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value residual: one gate in (0, 3) per kv-head and position
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.reshape(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: one gate in (0, 3) per kv-head and position (fp32 gate gradients)
+            v = gated_add(v, ve.reshape(B, T, self.n_kv_head, self.head_dim), x[..., :VE_GATE_CHANNELS],
+                          self.ve_gate.weight, 3.0)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)
         if kv_cache is not None:
@@ -204,10 +205,12 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(args, layer_idx, window)
         self.mlp = MLP(args.n_embd)
+        self.compute_dtype = torch.float32  # set by GPT.set_compute_dtype
 
     def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, attn_mask)
-        return x + self.mlp(norm(x))
+        # x is the residual stream (fp32 in a bf16 run, see GPT.forward); the branches run in the compute dtype
+        x = x + self.attn(norm(x, out_dtype=self.compute_dtype), ve, cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(norm(x, out_dtype=self.compute_dtype))
 
 
 class GPT(nn.Module):
@@ -251,6 +254,8 @@ class GPT(nn.Module):
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Activation/matmul dtype; parameters stay fp32."""
         self.compute_dtype = dtype
+        for block in self.blocks:
+            block.compute_dtype = dtype
 
     def set_attention_backend(self, name: str) -> None:
         """A resolved backend name (see titanlite.attention.select_attention_backend)."""
@@ -291,12 +296,10 @@ class GPT(nn.Module):
     # ----- forward ---------------------------------------------------------------------------------------------
     def _smear(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
         """x_t += smear_lambda·sigmoid(w·x_t[:24])·x_{t-1}, on pre-smear vectors; the first position is untouched."""
-        lam = self.smear_lambda.to(x.dtype)
         if kv_cache is None or kv_cache.pos == 0:
-            cur = x[:, 1:]
-            gate = lam * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
-            out = torch.cat([x[:, :1], cur + gate * x[:, :-1]], dim=1)
+            out = smear(x, self.smear_lambda, self.smear_gate.weight)
         else:  # decoding: the previous token's embedding comes from the cache
+            lam = self.smear_lambda.to(x.dtype)
             prev = torch.cat([kv_cache.prev_embed, x[:, :-1]], dim=1)
             out = x + lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * prev
         if kv_cache is not None:
@@ -315,29 +318,45 @@ class GPT(nn.Module):
         if pos + T > self.rope_cos.size(1):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the RoPE table ({self.rope_cos.size(1)})")
         dtype = self.compute_dtype
-        cos = self.rope_cos[:, pos:pos + T].to(dtype)
-        sin = self.rope_sin[:, pos:pos + T].to(dtype)
+        # RoPE tables stay fp32 (or wider) for bf16: rounding them to bf16 would shift every angle by up to 2^-9
+        table_dtype = torch.promote_types(dtype, torch.float32)
+        cos = self.rope_cos[:, pos:pos + T].to(table_dtype)
+        sin = self.rope_sin[:, pos:pos + T].to(table_dtype)
 
-        x = self._smear(norm(self.wte(idx).to(dtype)), kv_cache)
+        # The residual stream and x0 (the normed, smeared embedding) stay in fp32 (or the compute dtype if wider):
+        # the gradients of the per-layer scalars, the smear and the embeddings are sums over every token and
+        # channel of (stream gradient) x (stream), which in bf16 are mostly the rounding of the stream's gradient
+        # (bf16 gradients of x0_lambdas measured 37 % off at d4). Every branch (attention, MLP, head) still reads
+        # a bf16 norm of the stream and runs its matmuls in `dtype`; the stream costs fp32 adds and norm reads, and
+        # its saved copies are fp32 (the mixes' and, on CPU, the norms' inputs: rounded, they would leave the
+        # resid_lambdas gradient at initialisation 1000x noisier than the compiled graph's). Under FSDP the
+        # blocks' inputs are cast to the param dtype (bf16) by its mixed-precision policy, so there the stream is
+        # bf16 inside each block and fp32 between them.
+        stream = torch.promote_types(dtype, torch.float32)
+        x = self._smear(norm(self.wte(idx).to(stream)), kv_cache)
         x0 = x
         backout_at = self.args.n_layer // 2
         # flex block masks: built (once per shape, cached) here, outside the compiled blocks, and passed in
         masks = attention_masks(self.attention_backend, T, self.windows, idx.device) if kv_cache is None else None
         x_backout = x
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            x = scaled_sum(x, self.resid_lambdas[i], x0, self.x0_lambdas[i], out_dtype=stream)
             key = str(i)
-            ve = self.value_embeds[key](idx).to(dtype) if key in self.value_embeds else None
+            ve = self.value_embeds[key](idx) if key in self.value_embeds else None  # gated_add upcasts it
             x = block(x, ve, cos, sin, kv_cache, masks[self.windows[i]] if masks else None)
             if i == backout_at:
                 x_backout = x
-        x = norm(x - self.backout_lambda.to(dtype) * x_backout)
+        x = norm(scaled_sum(x, self._one(x), x_backout, -self.backout_lambda), out_dtype=dtype)
         if kv_cache is not None:
             kv_cache.advance(T)
 
         if targets is None:
             return self.logits(x)
         return self.loss(x, targets, loss_reduction)
+
+    @staticmethod
+    def _one(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float32, device=x.device)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Head on the final normed stream: crop the vocab padding, fp32, softcap."""

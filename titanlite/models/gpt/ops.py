@@ -21,12 +21,15 @@ def fill_rope_tables(cos: torch.Tensor, sin: torch.Tensor, base: float) -> None:
 
 
 def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves."""
+    """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves.
+    Computed in the tables' dtype (fp32 for bf16 activations) and rounded to x's dtype once: in bf16 the
+    product and the multiply-add would each round, the QK-norm after it rounds again."""
     d = x.size(-1) // 2
-    y = x * cos2
-    y[..., :d].addcmul_(x[..., d:], sin)
-    y[..., d:].addcmul_(x[..., :d], sin, value=-1.0)
-    return y
+    xw = x.to(torch.promote_types(x.dtype, cos2.dtype))
+    y = xw * cos2
+    y[..., :d].addcmul_(xw[..., d:], sin)
+    y[..., d:].addcmul_(xw[..., :d], sin, value=-1.0)
+    return y.to(x.dtype)
 
 
 class _Rotary(torch.autograd.Function):
@@ -46,7 +49,7 @@ class _Rotary(torch.autograd.Function):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2)."""
+    """Half-split RoPE on (B, T, H, D); cos/sin are (1, T, 1, D/2), fp32 tables for bf16 x (rounded once)."""
     return _Rotary.apply(x, cos, sin)
 
 
@@ -61,17 +64,19 @@ class _RmsNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale: float):
+    def forward(ctx, x, scale: float, out_dtype: torch.dtype):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
         inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
-        if xf is x:
-            y = x * (inv_rms * scale)
-        else:  # bf16: round the normalised x, then scale and round again, exactly as F.rms_norm(x) * scale
-            y = (xf * inv_rms).to(x.dtype)
-            y = y.mul_(scale) if scale != 1.0 else y
-        ctx.save_for_backward(y, inv_rms)
-        ctx.scale = scale
+        # bf16: computed in fp32 and rounded once (F.rms_norm(x) * scale rounds the normalised x, then the
+        # scaled one: two roundings, as many as the QK-norm's whole gradient error budget)
+        y = (xf * (inv_rms * scale)).to(out_dtype)
+        # an fp32 stream normed into bf16 keeps its fp32 input: the backward's projection on the rounded output
+        # would leave dx only approximately orthogonal to x, and the per-layer scalars' gradients are sums of
+        # dx . x0 (x0 ~ a component of x) that cancel down to that approximation (x0_lambdas 2.3 % off, not 0.4 %)
+        exact = torch.finfo(out_dtype).bits < torch.finfo(xf.dtype).bits
+        ctx.save_for_backward(x if exact else y, inv_rms)
+        ctx.scale, ctx.in_dtype, ctx.exact = scale, x.dtype, exact
         return y
 
     @staticmethod
@@ -79,20 +84,23 @@ class _RmsNorm(torch.autograd.Function):
         # dx = s r (g - n mean(g n)) with n = x r the unscaled normalised x = y / s and r = 1 / rms
         y, inv_rms = ctx.saved_tensors
         work = inv_rms.dtype
-        g, yf = grad.to(work), y.to(work)
+        g = grad.to(work)
+        yf = y.to(work) * (inv_rms * ctx.scale) if ctx.exact else y.to(work)  # saved x -> the unrounded y
         gy = g * yf
         mean_gy = gy.sum(dim=-1, keepdim=True).div_(y.size(-1) * ctx.scale * ctx.scale)
         dx = torch.mul(yf, mean_gy, out=gy)  # gy's buffer is free again once summed
-        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(grad.dtype), None
+        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(ctx.in_dtype), None, None
 
 
-def rms_norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)): one fused autograd function on CPU, PyTorch's kernel elsewhere
-    (CUDA has fused forward and backward kernels of its own, and compile fuses either)."""
+def rms_norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """scale * F.rms_norm(x, (x.size(-1),)) in out_dtype (default x's): one fused autograd function on CPU,
+    PyTorch's kernel elsewhere (CUDA has fused forward and backward kernels of its own, and compile fuses
+    either). An fp32 x normed into bf16 gets its gradient back in fp32."""
+    out_dtype = out_dtype or x.dtype
     if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
-        return _RmsNorm.apply(x, scale)
+        return _RmsNorm.apply(x, scale, out_dtype)
     y = F.rms_norm(x, (x.size(-1),))
-    return y * scale if scale != 1.0 else y
+    return (y * scale if scale != 1.0 else y).to(out_dtype)
 
 
 @torch.library.custom_op("titanlite::embedding_row_grads", mutates_args=())
@@ -190,10 +198,11 @@ def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool, vocab_dim:
     underflows fp32 shifts by the row max instead.
     """
     d = vocab_dim
-    valid = (tgt >= 0).to(torch.float32)
+    work = torch.promote_types(x_c.dtype, torch.float32)  # fp32, or fp64 for a float64 reference
+    valid = (tgt >= 0).to(work)
     tgt = tgt.clamp_min(0).unsqueeze(d)
     logits = torch.mm(w_v, x_c.t()) if d == 0 else torch.mm(x_c, w_v.t())
-    s = logits.float().mul_(-2.0 / softcap).sigmoid_()      # s = (1 - t) / 2, kept for the gradient
+    s = logits.to(work).mul_(-2.0 / softcap).sigmoid_()      # s = (1 - t) / 2, kept for the gradient
     if softcap <= MAX_SHIFT_FREE_SOFTCAP:
         shift = torch.full_like(valid, softcap)
         shifted = torch.mul(s, -2.0 * softcap).exp_()         # exp(z - c), in [e^-2c, 1]
@@ -212,6 +221,43 @@ def _softcap_ce_chunk(x_c, w_v, tgt, softcap: float, want_grad: bool, vocab_dim:
     return loss, grad.mul_(s.addcmul_(s, s, value=-1.0))      # x s (1 - s): through the softcap
 
 
+# Devices whose eager fused head runs each chunk's elementwise work (softcap, logsumexp, softmax gradient, the
+# cast of that gradient to the compute dtype: ~10 passes over a 4096 x 32768 fp32 chunk) as one compiled kernel.
+# On CUDA the model compiles per block and the head runs eagerly outside them; on CPU the head is either inside a
+# whole-model compile already, or eager where a compile of its own measured no gain at d4.
+COMPILED_HEAD_DEVICES = {"cuda"}
+_compiled_chunk_kernel = None
+
+
+def _chunk_loss_and_grad(x_c, w_v, tgt, softcap: float, vocab_dim: int, grad_dtype: torch.dtype):
+    """(loss per row, gradient of the logits in grad_dtype) of one chunk."""
+    loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
+    return loss, grad.to(grad_dtype)
+
+
+def _chunk_kernel(device_type: str):
+    global _compiled_chunk_kernel
+    if device_type not in COMPILED_HEAD_DEVICES or torch.compiler.is_compiling():
+        return _chunk_loss_and_grad
+    if _compiled_chunk_kernel is None:  # shapes are fixed per run (plus one for a shorter last chunk)
+        _compiled_chunk_kernel = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk_kernel
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_t: torch.Tensor, x_c: torch.Tensor) -> None:
+    """acc += grad_t @ x_c with fp32 accumulation. Low-precision operands: on CUDA the GEMM returns its fp32
+    accumulator (mm with out_dtype; the in-place addmm out= variant does not run under FakeTensorMode, which the
+    scale simulation uses) and that is added; CPU kernels have no such variant (aten::mm.dtype has no CPU
+    kernel), so the chunk's partial is rounded to the compute dtype once before it is added: measured 0.27 % of
+    the head's weight gradient at d4 shapes (8192 x 256, vocab 8192, 32 chunks), /tmp-free script in the note."""
+    if grad_t.dtype == acc.dtype and x_c.dtype == acc.dtype:
+        acc.addmm_(grad_t, x_c)
+    elif acc.device.type == "cuda":
+        acc.add_(torch.mm(grad_t, x_c, out_dtype=acc.dtype))
+    else:
+        acc.add_(torch.mm(grad_t, x_c))
+
+
 class _FusedSoftcapCrossEntropy(torch.autograd.Function):
     """Summed loss over rows; forward also produces d(sum)/dx and d(sum)/dW (fp32 accumulation)."""
 
@@ -220,19 +266,17 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
         # narrow/split rather than [a:b] indexing, which fake CUDA tensors (the simulator's) do not support
         w_v = weight.narrow(0, 0, vocab_size)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        work = torch.promote_types(x.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=work, device=weight.device)
         grad_w_v = grad_w.narrow(0, 0, vocab_size)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=work, device=x.device)
+        chunk = _chunk_kernel(x.device.type)
         for x_c, tgt, grad_x_c in zip(x.split(chunk_rows), targets.split(chunk_rows), grad_x.split(chunk_rows)):
-            loss, grad = _softcap_ce_chunk(x_c, w_v, tgt, softcap, want_grad=True, vocab_dim=vocab_dim)
+            loss, grad = chunk(x_c, w_v, tgt, softcap, vocab_dim, x.dtype)
             total += loss.sum()
-            grad = grad.to(x.dtype)
             rows_major = grad if vocab_dim == 1 else grad.t()      # (rows, vocab) views of the logit gradient
             torch.mm(rows_major, w_v, out=grad_x_c)
-            if grad.dtype == torch.float32 and x_c.dtype == torch.float32:
-                grad_w_v.addmm_(rows_major.t(), x_c)
-            else:
-                grad_w_v.add_(torch.mm(rows_major.t(), x_c))
+            _accumulate_weight_grad(grad_w_v, rows_major.t(), x_c)
             del loss, grad, rows_major  # else this chunk's buffers live on through the next one's: 3 at peak, not 2
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -241,8 +285,8 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_x, grad_w = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
+        scale = grad_output.to(grad_w.dtype)  # e.g. 1 / tokens: applied unrounded, each result rounded once
+        return ((grad_x.to(grad_w.dtype) * scale).to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype),
                 None, None, None, None, None)
 
 
