@@ -109,9 +109,9 @@ class _CudaRmsNorm(torch.autograd.Function):
         return ((g - xn * (g * xn).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
 
 
-def _gpu_rms_norm(x, scale: float = 1.0):
+def _gpu_rms_norm(x, scale: float = 1.0, out_dtype: torch.dtype | None = None):
     y = _CudaRmsNorm.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.rms_norm(x, (x.size(-1),))
-    return y * scale if scale != 1.0 else y  # as ops.rms_norm does off CPU
+    return (y * scale if scale != 1.0 else y).to(out_dtype or x.dtype)  # as ops.rms_norm does off CPU
 
 
 def _gpu_embedding(table, idx):
