@@ -15,6 +15,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from tests.helpers.dist import run_in_processes
+from tests.helpers.runs import tiny_run_args
 from titanlite.checkpoint import CheckpointManager, list_steps
 from titanlite.config.sections import (ActivationCheckpointConfig, CheckpointConfig, CompileConfig, Float8Config,
                                        ParallelismConfig)
@@ -140,14 +141,7 @@ def test_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
 # ----- SIGTERM under torchrun: every rank takes part in the save, even one that never got the signal -----------
 
-TRAIN_ARGS = [
-    "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
-    "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
-    "--training.device_batch_size=2", "--training.total_batch_size=256", "--training.num_iterations=1000",
-    "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=-1",
-    "--metrics.log_every=1", "--metrics.tensorboard=false", "--compile.enabled=false", "--metrics.peak_flops=1e12",
-    "--lr_scheduler.warmup_steps=2",
-]
+TRAIN_ARGS = tiny_run_args(1000)
 
 
 def _train_worker(rank, world_size, dump_folder, extra):

@@ -89,3 +89,17 @@ def one_line(out: str, err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
+
+
+def tiny_run_args(num_iterations: int) -> list[str]:
+    """A d2 GPT (width 64, T 64, vocab 512) in fp32 on CPU, 256 tokens a step, a line per step, no evaluations:
+    the smallest real run the trainer does, for tests of what happens around training."""
+    return [
+        "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
+        "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
+        "--training.device_batch_size=2", "--training.total_batch_size=256",
+        f"--training.num_iterations={num_iterations}", "--data.vocab_size=512", "--eval.eval_every=-1",
+        "--eval.sample_every=-1", "--eval.core_metric_every=-1", "--metrics.log_every=1",
+        "--metrics.tensorboard=false", "--compile.enabled=false", "--metrics.peak_flops=1e12",
+        "--lr_scheduler.warmup_steps=2",
+    ]

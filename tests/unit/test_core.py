@@ -555,9 +555,7 @@ def test_core_scores_long_prompts_whole_by_default(tmp_path, tiny_gpt):
 
 
 def test_prompt_past_the_rope_table_is_cropped_with_one_warning(tmp_path, tiny_gpt):
-    import logging
-
-    from titanlite.logging_utils import logger
+    from tests.helpers.runs import logged_lines
 
     limit = 10 * T_TRAIN
     assert tiny_gpt.max_positions == limit
@@ -567,17 +565,8 @@ def test_prompt_past_the_rope_table_is_cropped_with_one_warning(tmp_path, tiny_g
     with pytest.raises(ValueError, match="RoPE"):  # the model cannot take it whole
         tiny_gpt(torch.tensor([rows[0][0]]))
 
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with logged_lines() as messages:
         result = evaluate_core(tiny_gpt, ByteTokenizer(), bundle_dir, record_losses=True)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     warnings = [m for m in messages if "RoPE" in m]
     assert len(warnings) == 1  # one per task, not one per prompt
     assert "long_mc" in warnings[0] and "2 of 4 prompts" in warnings[0]

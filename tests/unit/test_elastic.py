@@ -13,20 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.runs import logged_lines, prepared_home, train_losses
+from tests.helpers.runs import logged_lines, prepared_home, tiny_run_args, train_losses
 from titanlite.agent_store import attempt_prefix
 from titanlite.checkpoint import list_steps
 from titanlite.elastic import choose_resume, world_change_line
 from titanlite.save_clock import SaveClock
 
-BASE = [
-    "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
-    "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
-    "--training.device_batch_size=2", "--training.total_batch_size=256", "--training.num_iterations=12",
-    "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=-1",
-    "--metrics.log_every=1", "--metrics.tensorboard=false", "--compile.enabled=false", "--metrics.peak_flops=1e12",
-    "--lr_scheduler.warmup_steps=2",
-]
+BASE = tiny_run_args(12)
 
 
 # ----- which checkpoint a start resumes -------------------------------------------------------------------------

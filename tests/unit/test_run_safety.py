@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from tests.helpers.runs import one_line, prepared_home, run_cli, train_losses
+from tests.helpers.runs import one_line, prepared_home, run_cli, tiny_run_args, train_losses
 from titanlite.checkpoint import list_steps
 from titanlite.errors import UserError
 from titanlite.run_lock import LOCK_FILE, RunLock
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = [
-    "--model.depth=2", "--model.aspect_ratio=32", "--model.head_dim=32", "--model.max_seq_len=64",
-    "--model.window_pattern=SL", "--training.device_type=cpu", "--training.dtype=float32",
-    "--training.device_batch_size=2", "--training.total_batch_size=256", "--training.num_iterations=1000",
-    "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=-1",
-    "--metrics.log_every=1", "--metrics.tensorboard=false", "--compile.enabled=false", "--metrics.peak_flops=1e12",
-    "--lr_scheduler.warmup_steps=2",
-]
+BASE = tiny_run_args(1000)
 
 
 @pytest.fixture(scope="module")
