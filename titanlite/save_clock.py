@@ -2,7 +2,8 @@
 
 Steps bound the work a fault costs in steps; at scale what matters is hours of a cluster, and a step's duration
 changes with evaluations, compile and the world size after a shrink. Each rank only reads its own clock here;
-the trainer folds the answer into its per-step all-reduce (MAX), so every rank saves at the same step.
+the trainer folds the answer into the stop/save agreement between steps (titanlite.step_control: one MAX
+all-reduce about once a second), so every rank saves at the same step, at most about a second past due.
 """
 
 from __future__ import annotations
