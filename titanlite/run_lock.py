@@ -23,6 +23,7 @@ from pathlib import Path
 from titanlite.errors import UserError
 from titanlite.fs_errors import reported_fs_errors
 from titanlite.logging_utils import logger
+from titanlite.paths import read_json_object
 
 LOCK_FILE = "run.lock"
 _ATTEMPTS = 5
@@ -90,14 +91,6 @@ def holder_is_running(holder: dict) -> bool | None:
     return True
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
 def describe_holder(holder: dict) -> str:
     return f"PID {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started', '?')}"
 
@@ -154,7 +147,7 @@ class RunLock:
     def _wait_for_content(self) -> dict | None:
         """The holder record; a lock file just created may still be empty for a moment."""
         for _ in range(20):
-            holder = _read(self.path)
+            holder = read_json_object(self.path)
             if holder is not None or not self.path.exists():
                 return holder
             time.sleep(0.05)
@@ -169,7 +162,7 @@ class RunLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        moved = _read(aside)
+        moved = read_json_object(aside)
         if moved != stale:
             os.rename(aside, self.path)
             return
@@ -183,7 +176,7 @@ class RunLock:
             return
         mine, self._mine = self._mine, None
         atexit.unregister(self.release)
-        if _read(self.path) == mine:
+        if read_json_object(self.path) == mine:
             try:
                 self.path.unlink()
             except OSError:

@@ -625,16 +625,15 @@ def test_default_core_dtype_is_fp32_on_cpu_even_when_training_runs_bf16(tmp_path
 def test_training_hook_and_base_eval_state_dtype_and_crop(tmp_path, monkeypatch):
     """bf16 training on CPU, CORE in the loop and `python -m scripts.base_eval --eval core` on its checkpoint:
     both lines say float32 and no cropping, though the prompts are longer than the 64-token context."""
-    import logging
     import os
     import re
     import subprocess
     import sys
 
     from scripts import base_eval
+    from tests.helpers.runs import logged_lines
     from titanlite import train
     from titanlite.config import load_config
-    from titanlite.logging_utils import logger
 
     home = tmp_path / "home"
     monkeypatch.setenv("TITANLITE_HOME", str(home))
@@ -648,13 +647,7 @@ def test_training_hook_and_base_eval_state_dtype_and_crop(tmp_path, monkeypatch)
         "--data.vocab_size=512", "--eval.eval_every=-1", "--eval.sample_every=-1", "--eval.core_metric_every=2",
         f"--eval.eval_bundle_dir={bundle_dir}", "--compile.enabled=false", "--lr_scheduler.warmup_steps=0",
         f"--job.dump_folder={tmp_path / 'out'}"])
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with logged_lines() as messages:
         assert train.run_training(config) == 0
         core_lines = [m for m in messages if re.match(r"step \d+ \| CORE-2 ", m)]
         assert len(core_lines) == 1, messages
@@ -669,9 +662,6 @@ def test_training_hook_and_base_eval_state_dtype_and_crop(tmp_path, monkeypatch)
                                "--core-crop-to-seq-len", "true"]) == 0
         assert any(re.search(r"\| dtype float32 \| prompts cropped to 64 tokens \(eval.core_crop_to_seq_len\): "
                              r"[1-9]\d* of \d+", m) for m in messages), messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
     env = dict(os.environ, TITANLITE_HOME=str(home), OMP_NUM_THREADS="1", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
     proc = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--run-dir", str(run_dir), "--eval", "core",

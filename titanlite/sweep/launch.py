@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from titanlite.errors import UserError
+from titanlite.paths import read_json_object
 from titanlite.run_lock import LOCK_FILE, describe_holder, holder_is_running
 from titanlite.sweep.runs import FAILURE_FILE, LOG_FILE, RunRecord
 
@@ -72,11 +73,8 @@ def _die_with_parent() -> None:
 def live_holder(folder: Path) -> dict | None:
     """Who holds the run folder's lock, unless nobody does or the holder is known dead (the trainer takes such a
     lock over)."""
-    try:
-        holder = json.loads((folder / LOCK_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(holder, dict) or holder_is_running(holder) is False:
+    holder = read_json_object(folder / LOCK_FILE)
+    if holder is None or holder_is_running(holder) is False:
         return None
     return holder
 

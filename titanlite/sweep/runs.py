@@ -9,7 +9,6 @@ was interrupted (and resumes from its latest checkpoint if it has one).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from titanlite.checkpoint import list_steps
 from titanlite.errors import UserError
+from titanlite.paths import read_json_object
 
 SUMMARY_FILE = "summary.json"
 FAILURE_FILE = "sweep_failure.json"   # written by the sweep when a run fails; removed when it is retried
@@ -86,17 +86,9 @@ class RunRecord:
         return {**asdict(self), "tokens_per_param": self.tokens_per_param}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_run(folder: Path, budget: float, depth: int) -> RunRecord:
     record = RunRecord(run_name(budget, depth), budget, depth, PENDING)
-    summary = _read_json(folder / SUMMARY_FILE)
+    summary = read_json_object(folder / SUMMARY_FILE)
     if summary is not None:
         plan, config = summary.get("plan", {}), summary.get("config", {})
         ran = (config.get("model", {}).get("depth"), config.get("training", {}).get("target_flops"))
@@ -112,7 +104,7 @@ def read_run(folder: Path, budget: float, depth: int) -> RunRecord:
             record.val_bpb, record.train_time_s = summary.get("final_val_bpb"), summary.get("total_training_time_s")
             record.world_size, record.vocab_size = plan.get("world_size"), plan.get("vocab_size")
             return record
-    failure = _read_json(folder / FAILURE_FILE)
+    failure = read_json_object(folder / FAILURE_FILE)
     if failure is not None:
         record.status, record.error = FAILED, str(failure.get("error", "failed (no message recorded)"))
         return record
