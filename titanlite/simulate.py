@@ -109,9 +109,18 @@ class _CudaRmsNorm(torch.autograd.Function):
         return ((g - xn * (g * xn).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
 
 
-def _gpu_rms_norm(x, scale: float = 1.0, out_dtype: torch.dtype | None = None):
+def _gpu_rms_norm(x, scale: float = 1.0, out_dtype: torch.dtype | None = None, copies: int = 1, prefix: int = 0):
+    """ops.rms_norm off CPU; its eager fan-out (copies, prefix) keeps the same input + fp32 rstd as this does."""
     y = _CudaRmsNorm.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.rms_norm(x, (x.size(-1),))
-    return (y * scale if scale != 1.0 else y).to(out_dtype or x.dtype)  # as ops.rms_norm does off CPU
+    y = (y * scale if scale != 1.0 else y).to(out_dtype or x.dtype)
+    outs = (y,) * copies + ((y[..., :prefix],) if prefix else ())
+    return outs if len(outs) > 1 else y
+
+
+def _gpu_rotary_norm(x, cos, sin, scale: float = 1.0):
+    from titanlite.models.gpt.ops import apply_rotary
+
+    return _gpu_rms_norm(apply_rotary(x, cos, sin), scale)  # what ops.rotary_norm runs off CPU
 
 
 def _gpu_embedding(table, idx):
@@ -131,6 +140,7 @@ def gpu_code_paths():
         stack.enter_context(mock.patch.dict(ops.HEAD_CHUNK_ELEMENTS, {"cpu": ops.HEAD_CHUNK_ELEMENTS["cuda"]}))
         stack.enter_context(mock.patch.dict(ops.VOCAB_DIM, {"cpu": 1}))
         stack.enter_context(mock.patch.object(gpt_model, "rms_norm", _gpu_rms_norm))
+        stack.enter_context(mock.patch.object(gpt_model, "rotary_norm", _gpu_rotary_norm))
         stack.enter_context(mock.patch.object(gpt_model, "embedding", _gpu_embedding))
         try:
             yield

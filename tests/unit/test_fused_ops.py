@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from titanlite.models.gpt import ops as gpt_ops
-from titanlite.models.gpt.model import apply_rotary, relu_squared, softcapped_cross_entropy
+from titanlite.models.gpt.model import relu_squared, softcapped_cross_entropy
+from titanlite.models.gpt.ops import apply_rotary, rotary_norm
 
 
 def reference_head_loss(x, weight, targets, softcap, vocab, reduction):
@@ -62,6 +63,34 @@ def test_rotary_matches_textbook_and_gradcheck():
     torch.testing.assert_close(apply_rotary(x, cos, sin), textbook_rotary(x, cos, sin))
     assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
     assert not torch.equal(apply_rotary(x, cos, sin), x)  # a real rotation, not the identity
+
+
+def test_rotary_norm_is_the_textbook_qk_norm_after_rope_and_gradchecks():
+    """scale * rms_norm(rope(x)) in float64: forward and the analytic backward against the textbook ops (tables
+    from float angles, as the model's are) and gradcheck."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    angles = torch.rand(1, 6, 1, 4, generator=g, dtype=torch.float64) * 6
+    cos, sin = angles.float().cos().double(), angles.float().sin().double()  # cos^2 + sin^2 != 1 exactly
+    eps = torch.finfo(torch.float64).eps
+    want = F.rms_norm(textbook_rotary(x, cos, sin), (8,), eps=eps) * 1.2
+    torch.testing.assert_close(rotary_norm(x, cos, sin, 1.2), want, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: rotary_norm(t, cos, sin, 1.2), (x,))
+
+
+def test_rotary_norm_in_bf16_rounds_once():
+    """bf16 q / k with fp32 tables: the fused QK path is within half a bf16 ulp of the float64 result (one
+    rounding); RoPE then the norm apart round twice, which the same inputs show exceeds that bound."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 64, 2, 128, generator=g) * 3).bfloat16()
+    angles = torch.rand(1, 64, 1, 64, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    exact = F.rms_norm(textbook_rotary(x.double(), cos.double(), sin.double()), (128,),
+                       eps=torch.finfo(torch.float32).eps) * 1.2
+    half_ulp = 2.0 ** -8 * exact.abs() * (1 + 1e-4)  # half a bf16 ulp, + fp32 arithmetic before the rounding
+    assert torch.all((rotary_norm(x, cos, sin, 1.2).double() - exact).abs() <= half_ulp)
+    two_roundings = gpt_ops.rms_norm(apply_rotary(x, cos, sin), 1.2).double()
+    assert bool(((two_roundings - exact).abs() > half_ulp).any())
 
 
 def test_relu_squared_matches_textbook_and_gradcheck():

@@ -235,3 +235,68 @@ def test_rms_norm_of_an_fp32_stream_into_bf16_has_an_exactly_orthogonal_gradient
     r = 1.0 / x64.detach().pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float32).eps).sqrt()
     dx_rounded = r * (gd - n * (gd * n).mean(-1, keepdim=True))
     assert float(((dx_rounded * x64.detach()).sum(-1).abs() / scale.double()).max()) > 2.0 ** -14
+
+
+def test_rms_norm_sums_its_consumers_bf16_gradients_in_fp32():
+    """An attention input feeds four bf16 consumers (q, k, v projections and the value gate). rms_norm(copies=4)
+    hands each its own alias and sums their gradients in fp32 inside the norm's backward, so the stream gradient
+    is the float64 textbook norm backward of g1 + g2 + g3 + g4 up to fp32 arithmetic. Eager autograd adds the four
+    bf16 gradients in bf16 first: three roundings of partial sums as large as each g_i, far outside that bound
+    when the sum is small against its terms (here the consumers' gradients cancel to ~1/8 of each)."""
+    from titanlite.models.gpt.ops import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 32, 256, generator=gen, dtype=torch.float64).float()
+    base = torch.randn(4, 32, 256, generator=gen, dtype=torch.float64)
+    grads = [base, -base, 0.5 * base, -0.375 * base]  # sum = 1/8 base, before each is perturbed and rounded
+    grads = [(g + 0.02 * torch.randn(g.shape, generator=gen, dtype=torch.float64)).bfloat16() for g in grads]
+
+    def textbook(upstream):  # float64 d/dx of sum(upstream * x / rms(x)), fp32's eps as F.rms_norm uses
+        x64 = x.double().requires_grad_()
+        torch.nn.functional.rms_norm(x64, (256,), eps=torch.finfo(torch.float32).eps).backward(upstream)
+        return x64.grad
+
+    want = textbook(sum(g.double() for g in grads))
+    terms = sum(textbook(g.double()).abs() for g in grads)  # what each consumer alone contributes
+    x_in = x.clone().requires_grad_()
+    outs = rms_norm(x_in, 1.0, torch.bfloat16, copies=4)
+    assert len(outs) == 4 and all(o.dtype == torch.bfloat16 for o in outs)
+    torch.autograd.backward(list(outs), grads)
+    assert x_in.grad.dtype == torch.float32
+    assert within_bound(x_in.grad, want, terms) <= 1.0
+    # the gate reads 12 channels: three full copies plus a prefix view, whose gradient lands on those channels
+    grads[3][..., 12:] = 0
+    want = textbook(sum(g.double() for g in grads))
+    x_in = x.clone().requires_grad_()
+    outs = rms_norm(x_in, 1.0, torch.bfloat16, copies=3, prefix=12)
+    assert [tuple(o.shape) for o in outs] == [(4, 32, 256)] * 3 + [(4, 32, 12)]
+    torch.autograd.backward(list(outs), grads[:3] + [grads[3][..., :12]])
+    assert within_bound(x_in.grad, want, terms) <= 1.0
+
+    # one output used four times: autograd sums the bf16 gradients in bf16 before the same backward
+    x_in = x.clone().requires_grad_()
+    y = rms_norm(x_in, 1.0, torch.bfloat16)
+    sum((y.float() * g.float()).sum() for g in grads).backward()  # not fused: each product grad goes to y
+    x_old = x.clone().requires_grad_()
+    y_old = rms_norm(x_old, 1.0, torch.bfloat16)
+    y_old.backward(grads[0] + grads[1] + grads[2] + grads[3])  # the bf16 sum autograd forms
+    assert within_bound(x_old.grad, want, terms) > 4.0
+
+
+def test_scaled_sum_of_fp32_streams_keeps_fp32_precision():
+    """The fp32 residual stream's mix (a x + b y, all fp32): the scalars' gradients are fp32 dot products, within
+    fp32 summation of the float64 ones; the activation gradients are g a and g b rounded once to fp32."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 64, 48, generator=gen), torch.randn(8, 64, 48, generator=gen)
+    g = cancelling([x.double(), y.double()], gen).float()
+    a, b = torch.tensor(1.1, requires_grad=True), torch.tensor(0.17, requires_grad=True)
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = mix_ops.scaled_sum(xs, a, ys, b)
+    assert out.dtype == torch.float32
+    out.backward(g)
+    for got, other in ((a.grad, x), (b.grad, y)):
+        terms = (g.double() * other.double())
+        assert abs(float(got) - float(terms.sum())) <= 2.0 ** -20 * float(terms.abs().sum())
+    torch.testing.assert_close(xs.grad.double(), g.double() * a.item(), rtol=2.0 ** -23, atol=0)
+    ax, by = a.item() * x.double(), b.item() * y.double()  # a x rounded, then the sum rounded: 2^-24 each
+    assert torch.all((out.detach().double() - (ax + by)).abs() <= 2.0 ** -23 * (ax.abs() + by.abs()))

@@ -23,7 +23,7 @@ from titanlite.attention import attention, attention_masks, select_attention_bac
 from titanlite.errors import UserError
 from titanlite.generate import KVCache
 from titanlite.models.gpt.mix_ops import gated_add, scaled_sum, smear
-from titanlite.models.gpt.ops import (apply_rotary, embedding, fill_rope_tables, relu_squared, rms_norm,
+from titanlite.models.gpt.ops import (embedding, fill_rope_tables, relu_squared, rms_norm, rotary_norm,
                                      softcapped_cross_entropy)
 
 ROPE_BASE = 100_000
@@ -103,9 +103,11 @@ def count_flops_per_token(args: GPTArgs) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps), in out_dtype."""
-    return rms_norm(x, scale, out_dtype)
+def norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None, copies: int = 1,
+         prefix: int = 0):
+    """scale * F.rms_norm(x, (x.size(-1),)) (no learnable weight, PyTorch's default eps), in out_dtype; with
+    copies > 1 or a prefix, a tuple of aliases whose gradients are summed in fp32 (ops.rms_norm)."""
+    return rms_norm(x, scale, out_dtype, copies, prefix)
 
 
 class Linear(nn.Linear):
@@ -172,18 +174,24 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(args.n_head * args.head_dim, C)
         self.has_ve = has_value_embedding(layer_idx, args.n_layer)
         self.ve_gate = Linear(VE_GATE_CHANNELS, args.n_kv_head) if self.has_ve else None
+        # channels of the input the value-embedding gate reads (Block norms the input into q, k, v copies + these)
+        self.gate_channels = VE_GATE_CHANNELS if self.has_ve else 0
         self.backend = "sdpa"  # set by GPT.set_attention_backend
 
     def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
-        B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        """x: the normed input, or the tuple (x, x, x[, x[..., :gate_channels]]) of aliases that ops.rms_norm
+        returns, one per consumer (q, k, v, gate), whose gradients the norm then sums in fp32, not autograd in bf16.
+        """
+        if not isinstance(x, tuple):
+            x = (x, x, x) + ((x[..., :self.gate_channels],) if self.gate_channels else ())
+        x_q, x_k, x_v, *gate_in = x
+        B, T, _ = x_q.shape
+        q = self.c_q(x_q).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x_k).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x_v).reshape(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # value residual: one gate in (0, 3) per kv-head and position (fp32 gate gradients)
-            v = gated_add(v, ve.reshape(B, T, self.n_kv_head, self.head_dim), x[..., :VE_GATE_CHANNELS],
-                          self.ve_gate.weight, 3.0)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)
+            v = gated_add(v, ve.reshape(B, T, self.n_kv_head, self.head_dim), gate_in[0], self.ve_gate.weight, 3.0)
+        q, k = rotary_norm(q, cos, sin, QK_SCALE), rotary_norm(k, cos, sin, QK_SCALE)  # RoPE, then QK-norm
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, self.window, backend=self.backend, block_mask=attn_mask)
@@ -209,7 +217,8 @@ class Block(nn.Module):
 
     def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
         # x is the residual stream (fp32 in a bf16 run, see GPT.forward); the branches run in the compute dtype
-        x = x + self.attn(norm(x, out_dtype=self.compute_dtype), ve, cos, sin, kv_cache, attn_mask)
+        attn_in = norm(x, out_dtype=self.compute_dtype, copies=3, prefix=self.attn.gate_channels)
+        x = x + self.attn(attn_in, ve, cos, sin, kv_cache, attn_mask)
         return x + self.mlp(norm(x, out_dtype=self.compute_dtype))
 
 

@@ -20,16 +20,16 @@ def fill_rope_tables(cos: torch.Tensor, sin: torch.Tensor, base: float) -> None:
     sin.copy_(angles.sin())
 
 
-def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None = None):
     """(x1 c + x2 s, x2 c - x1 s) for halves x1, x2 of the last dim; cos2 is cos repeated for both halves.
-    Computed in the tables' dtype (fp32 for bf16 activations) and rounded to x's dtype once: in bf16 the
-    product and the multiply-add would each round, the QK-norm after it rounds again."""
+    Computed in the tables' dtype (fp32 for bf16 activations) and rounded to out_dtype (default x's) once: in
+    bf16 the product and the multiply-add would each round."""
     d = x.size(-1) // 2
     xw = x.to(torch.promote_types(x.dtype, cos2.dtype))
     y = xw * cos2
     y[..., :d].addcmul_(xw[..., d:], sin)
     y[..., d:].addcmul_(xw[..., :d], sin, value=-1.0)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 class _Rotary(torch.autograd.Function):
@@ -53,18 +53,65 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _Rotary.apply(x, cos, sin)
 
 
-class _RmsNorm(torch.autograd.Function):
-    """y = scale * x / sqrt(mean(x^2) + eps) over the last dim, in fp32 (fp64 for fp64) with that type's eps:
-    what F.rms_norm does by default (for bf16 input too, whose own eps, 2^-7, it does not use).
-
-    On CPU, F.rms_norm's backward runs as a chain of elementwise ops (a profile of one fwd+bwd: 7 mul, 3 pow,
-    7 copy, 3 sum, a div); here forward is one row reduction and one scale, backward one product, one sum, one
-    subtract and one scale: fwd+bwd of a (16, 512, 256) fp32 tensor measured 5.4 vs 20.5 ms (AVX2, 2 threads).
-    Saves the output, which the next matmul keeps anyway, instead of the input.
+class _RotaryNorm(torch.autograd.Function):
+    """The QK path, scale * rms_norm(rope(x)), as one function computed in fp32 and rounded once (the two ops
+    apart round twice: RoPE's output, then the norm's; bf16 q / k gradients measured 2.2e-3 off float64 that
+    way, 1.7e-3 fused). Backward is the norm's backward against the saved output y (what attention keeps as
+    its q / k anyway, so nothing is saved beyond the fp32 1 / rms and the tables), then RoPE's transpose, the
+    opposite turn:
+        dx = R^T (h - y (h . y) / (s^2 D)),   h = s r g,  r = 1 / rms(rope(x)), s = scale
+    On CPU that is 7 passes forward where the two ops make 9, and 9 backward where they make 10.
     """
 
     @staticmethod
-    def forward(ctx, x, scale: float, out_dtype: torch.dtype):
+    def forward(ctx, x, cos, sin, scale: float):
+        work = torch.promote_types(x.dtype, cos.dtype)  # fp32 tables for bf16 (fp64 for a float64 reference)
+        cos2 = torch.cat([cos, cos], dim=-1)
+        rotated = _rotate(x, cos2, sin, work)
+        mean_square = torch.linalg.vector_norm(rotated, dim=-1, keepdim=True).square_().div_(x.size(-1))
+        inv_rms = mean_square.add_(torch.finfo(work).eps).rsqrt_()
+        y = rotated.mul_(inv_rms * scale).to(x.dtype)
+        ctx.save_for_backward(y, inv_rms, cos2, sin)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, inv_rms, cos2, sin = ctx.saved_tensors
+        work = inv_rms.dtype
+        h = grad.to(work, copy=True).mul_(inv_rms * ctx.scale)
+        yf = y.to(work)
+        coef = torch.linalg.vecdot(h, yf).unsqueeze_(-1).div_(ctx.scale * ctx.scale * y.size(-1))
+        h.addcmul_(yf, coef, value=-1.0)
+        return _rotate(h, cos2, -sin, y.dtype), None, None, None
+
+
+def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * rms_norm(apply_rotary(x, cos, sin)) over the head dim of (B, T, H, D): the QK-norm after RoPE.
+    One fused function on CPU (_RotaryNorm); elsewhere the two ops (CUDA's own norm kernel, or a compile's)."""
+    if x.device.type == "cpu":
+        return _RotaryNorm.apply(x, cos, sin, scale)
+    return rms_norm(apply_rotary(x, cos, sin), scale)
+
+
+class _RmsNorm(torch.autograd.Function):
+    """y = scale * x / sqrt(mean(x^2) + eps) over the last dim, in fp32 (fp64 for fp64) with that type's eps:
+    what F.rms_norm does by default (for bf16 input too, whose own eps, 2^-7, it does not use). Returns `copies`
+    aliases of y, one per consumer, so that backward receives each consumer's gradient separately and sums them
+    in fp32: eager autograd would add the bf16 gradients of an attention input's q, k, v projections and its
+    value-embedding gate in bf16, rounding three times before the norm's backward (the compiled graph fuses that
+    sum into the backward in fp32; the eager smear_lambda gradient was 2.4x the compiled one's error).
+
+    On CPU, F.rms_norm's backward runs as a chain of elementwise ops (a profile of one fwd+bwd: 7 mul, 3 pow,
+    7 copy, 3 sum, a div). Here forward is one row reduction and one scale (rounded once), backward with
+    h = s r g (r = 1 / rms, s = scale, one pass that also upcasts a bf16 gradient):
+        dx = h - x (r^2 / C) (h . x)           (x: the fp32 / fp64 input, kept when y is rounded to bf16)
+        dx = h - y (1 / (s^2 C)) (h . y)       (y: the output, kept when it is as wide as the input)
+    i.e. three passes where the textbook form makes seven.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale: float, out_dtype: torch.dtype, copies: int, prefix: int):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
         inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
@@ -74,33 +121,60 @@ class _RmsNorm(torch.autograd.Function):
         # an fp32 stream normed into bf16 keeps its fp32 input: the backward's projection on the rounded output
         # would leave dx only approximately orthogonal to x, and the per-layer scalars' gradients are sums of
         # dx . x0 (x0 ~ a component of x) that cancel down to that approximation (x0_lambdas 2.3 % off, not 0.4 %)
-        exact = torch.finfo(out_dtype).bits < torch.finfo(xf.dtype).bits
-        ctx.save_for_backward(x if exact else y, inv_rms)
-        ctx.scale, ctx.in_dtype, ctx.exact = scale, x.dtype, exact
-        return y
+        keeps_input = torch.finfo(out_dtype).bits < torch.finfo(xf.dtype).bits
+        ctx.save_for_backward(x if keeps_input else y, inv_rms)
+        ctx.scale, ctx.in_dtype, ctx.keeps_input = scale, x.dtype, keeps_input
+        ctx.copies, ctx.prefix = copies, prefix
+        ctx.set_materialize_grads(False)  # an unused alias sends None, not a zero tensor to add
+        # distinct aliases (one tensor returned twice would be one output, its gradients summed by autograd)
+        outs = [y, *(y.view_as(y) for _ in range(copies - 1))] + ([y[..., :prefix]] if prefix else [])
+        return tuple(outs) if len(outs) > 1 else y
 
     @staticmethod
-    def backward(ctx, grad):
-        # dx = s r (g - n mean(g n)) with n = x r the unscaled normalised x = y / s and r = 1 / rms
-        y, inv_rms = ctx.saved_tensors
-        work = inv_rms.dtype
-        g = grad.to(work)
-        yf = y.to(work) * (inv_rms * ctx.scale) if ctx.exact else y.to(work)  # saved x -> the unrounded y
-        gy = g * yf
-        mean_gy = gy.sum(dim=-1, keepdim=True).div_(y.size(-1) * ctx.scale * ctx.scale)
-        dx = torch.mul(yf, mean_gy, out=gy)  # gy's buffer is free again once summed
-        return torch.sub(g, dx, out=dx).mul_(inv_rms * ctx.scale).to(ctx.in_dtype), None, None
+    def backward(ctx, *grads):
+        saved, inv_rms = ctx.saved_tensors
+        work, size = inv_rms.dtype, saved.size(-1)
+        s_r = inv_rms * ctx.scale
+        full = [g for g in grads[:ctx.copies] if g is not None]
+        part = grads[ctx.copies] if ctx.prefix else None
+        if full and full[0].dtype == work:                 # fp32 / fp64 model: h = s r g in one pass
+            h = torch.mul(full[0], s_r)
+            for g in full[1:]:
+                h.addcmul_(g, s_r)
+            if part is not None:
+                h[..., :ctx.prefix].addcmul_(part, s_r)
+        else:  # bf16 gradients: one upcast buffer (mixed-dtype CPU kernels measured 2.5x slower than same-dtype)
+            h = full[0].to(work) if full else torch.zeros(saved.shape, dtype=work, device=saved.device)
+            for g in full[1:]:
+                h.add_(g)
+            if part is not None:
+                h[..., :ctx.prefix].add_(part)
+            h.mul_(s_r)
+        ref = saved.to(work)                               # no copy unless a bf16 output was kept
+        coef = torch.linalg.vecdot(h, ref).unsqueeze_(-1)
+        coef.mul_(inv_rms.square() / size if ctx.keeps_input else 1.0 / (ctx.scale * ctx.scale * size))
+        dx = h.addcmul_(ref, coef, value=-1.0)
+        return dx.to(ctx.in_dtype), None, None, None, None
 
 
-def rms_norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """scale * F.rms_norm(x, (x.size(-1),)) in out_dtype (default x's): one fused autograd function on CPU,
-    PyTorch's kernel elsewhere (CUDA has fused forward and backward kernels of its own, and compile fuses
-    either). An fp32 x normed into bf16 gets its gradient back in fp32."""
+def rms_norm(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None, copies: int = 1,
+             prefix: int = 0):
+    """scale * F.rms_norm(x, (x.size(-1),)) in out_dtype (default x's). With copies > 1 or prefix > 0, a tuple:
+    `copies` aliases of it, one per consumer, then (prefix > 0) a view of its first `prefix` channels for a
+    consumer that reads only those; their gradients are summed in fp32 (see _RmsNorm).
+
+    One fused autograd function on CPU, and in eager mode wherever one output has several consumers; otherwise
+    PyTorch's kernel (CUDA has fused forward and backward kernels of its own, and a compiled graph sums the
+    consumers' gradients inside its fused norm backward). An fp32 x normed into bf16 gets its gradient in fp32.
+    """
     out_dtype = out_dtype or x.dtype
-    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
-        return _RmsNorm.apply(x, scale, out_dtype)
+    if torch.is_grad_enabled() and x.requires_grad and (
+            x.device.type == "cpu" or ((copies > 1 or prefix) and not torch.compiler.is_compiling())):
+        return _RmsNorm.apply(x, scale, out_dtype, copies, prefix)
     y = F.rms_norm(x, (x.size(-1),))
-    return (y * scale if scale != 1.0 else y).to(out_dtype)
+    y = (y * scale if scale != 1.0 else y).to(out_dtype)
+    outs = (y,) * copies + ((y[..., :prefix],) if prefix else ())
+    return outs if len(outs) > 1 else y
 
 
 @torch.library.custom_op("titanlite::embedding_row_grads", mutates_args=())
