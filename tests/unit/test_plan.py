@@ -243,6 +243,8 @@ for argv in json.loads(sys.argv[1]):
     model = get_train_spec("gpt").build_meta_model(plan.model_args)
     apply_ac(model, cfg.activation_checkpoint)
     model = materialize(model, "cpu")
+    if cfg.training.dtype == "bfloat16":
+        model.set_compute_dtype(torch.bfloat16)
     B, T = plan.device_batch_size, plan.seq_len
     x = torch.randint(0, plan.vocab_size, (B, T)); y = torch.randint(0, plan.vocab_size, (B, T))
     for _ in range(2):  # warm-up: caches (masks, RoPE casts) and the allocator's steady state
@@ -250,9 +252,12 @@ for argv in json.loads(sys.argv[1]):
         model.zero_grad(set_to_none=True)
     base = rss_kib("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set
-    model(x, y, loss_reduction="sum").backward()
+    loss = model(x, y, loss_reduction="sum")
+    forward_peak = (rss_kib("VmHWM") - base) * 1024  # no gradients exist yet
+    open("/proc/self/clear_refs", "w").write("5")
+    loss.backward()
     grads = sum(p.grad.numel() * 4 for p in model.parameters())
-    out.append({"peak_minus_base": (rss_kib("VmHWM") - base) * 1024, "grads": grads})
+    out.append({"forward_peak": forward_peak, "backward_peak": (rss_kib("VmHWM") - base) * 1024, "grads": grads})
     del model
 print(json.dumps(out))
 """
@@ -269,8 +274,10 @@ def test_activation_estimate_matches_measured_cpu_peak():
     from titanlite.models.gpt.memory import activation_bytes
     from titanlite.spec import checkpointed_blocks
 
-    configs = [c + ["--training.device_type=cpu", "--training.dtype=float32", "--compile.enabled=false",
-                    "--training.total_batch_size=-1"] for c in (SMALL, SMALL_AC)]
+    configs = [c + ["--training.device_type=cpu", f"--training.dtype={dtype}", "--compile.enabled=false",
+                    "--training.total_batch_size=-1"]
+               for c, dtype in ((SMALL, "float32"), (SMALL_AC, "float32"), (SMALL, "bfloat16"),
+                                (SMALL_AC, "bfloat16"))]  # bf16: fp32 stream, bf16 branches
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",  # big tensors return to the OS
                TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(configs)], cwd=REPO, env=env,
@@ -281,6 +288,10 @@ def test_activation_estimate_matches_measured_cpu_peak():
         cfg = load_config(argv)
         plan = derive_plan(cfg.model, cfg.training, cfg.optimizer, cfg.data.vocab_size, 1)
         ckpt = checkpointed_blocks(plan.model_args.n_layer, cfg.activation_checkpoint.mode, 1)
-        estimate = activation_bytes(plan, 4, ckpt, fused_head=True, device_type="cpu")
-        actual = m["peak_minus_base"] - m["grads"]  # the planner counts gradients separately
-        assert abs(estimate - actual) / actual < 0.25, (argv, estimate, actual)
+        compute_bytes = 2 if cfg.training.dtype == "bfloat16" else 4
+        estimate = activation_bytes(plan, compute_bytes, ckpt, fused_head=True, device_type="cpu")
+        # the planner counts gradients separately: they exist only in backward (the end of forward, where the
+        # head's fp32 chunks sit on all saved activations, is often the peak)
+        actual = max(m["forward_peak"], m["backward_peak"] - m["grads"])
+        # within 10 %: measured 1-5 % over; the bf16 cases without the fp32 stream counted were 15-19 % under
+        assert abs(estimate - actual) / actual < 0.10, (argv, estimate, actual)

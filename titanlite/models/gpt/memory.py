@@ -7,7 +7,7 @@
   unsharded head (kept from forward to backward); on one GPU in bf16 every linear's bf16 weight copy, which
   autograd keeps for backward;
 - activations at the device batch size (see `saved_per_token_per_layer`), with and without activation
-  checkpointing, plus the head (the fused softcap + CE keeps no (tokens, vocab) logits; the plain path keeps
+  checkpointing, with the residual stream kept in fp32 in one-process bf16 runs (GPT.forward), plus the head (the fused softcap + CE keeps no (tokens, vocab) logits; the plain path keeps
   three fp32 copies) and the backward's working set.
 Not counted: the CUDA context and allocator fragmentation (budget a few GiB on a GPU).
 """
@@ -81,13 +81,22 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
     windows = window_sizes(L, a.sequence_len, a.window_pattern)
     tokens = plan.device_batch_size * plan.seq_len
     fused_norm = device_type == "cpu" and not compiled  # titanlite.models.gpt.ops.rms_norm
+    # GPT.forward keeps the residual stream, x0 and the value-embedding rows in fp32 when the compute dtype is
+    # narrower; under FSDP (2+ ranks) each block's inputs are cast to bf16 by its mixed-precision policy, so the
+    # fp32 copies are the blocks' own only in one-process runs
+    stream_bytes = FP32 if plan.world_size == 1 else compute_bytes
+    widened = stream_bytes - compute_bytes
     per_layer = []
     for i in range(L):
         ve = has_value_embedding(i, L)
         full = saved_per_token_per_layer(C, q_dim, kv_dim, ve, compiled, fused_norm) * compute_bytes + \
             _fp32_small_per_token_per_layer(a.n_head, a.n_kv_head)
+        if widened:  # the block output and the ve rows are kept in fp32, and so are the mixed input and the
+            # residual after attention: by the fused norm, which keeps a wider input (not its output) - two
+            # tensors saved_per_token_per_layer leaves out for it - or else at fp32 instead of compute bytes
+            full += widened * (C + (kv_dim if ve else 0)) + 2 * C * (stream_bytes if fused_norm else widened)
         if i in checkpointed:  # only the block's inputs survive: mixed residual, the previous output, ve rows
-            per_layer.append((2 * C + (kv_dim if ve else 0)) * compute_bytes)
+            per_layer.append((2 * C + (kv_dim if ve else 0)) * stream_bytes)
         else:
             if device_type == "cpu":  # CPU attention is SDPA: banded query blocks or causal query halves
                 full += (banded_extra_per_token(plan.seq_len, windows[i], q_dim, kv_dim)
@@ -95,7 +104,7 @@ def activation_bytes(plan, compute_bytes: int, checkpointed: set[int], fused_hea
             per_layer.append(full)
     # embedding -> norm -> smear (x0) at the bottom, backout + final norm at the top; the fused norm keeps the
     # embedding norm's output (which smear keeps too) instead of the raw embedding
-    ends = (4 if fused_norm else 5) * C * compute_bytes
+    ends = (4 if fused_norm else 5) * C * stream_bytes
     if fused_head:
         # saved: d(loss)/d(head input), per token, and d(loss)/d(head weight) in fp32 (both formed in forward);
         # transient at the end of forward: a few (chunk, vocab) fp32 buffers, whatever the token count
