@@ -53,6 +53,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _Rotary.apply(x, cos, sin)
 
 
+def _inv_rms(xf: torch.Tensor) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim of an fp32 / fp64 x, with that dtype's eps (F.rms_norm's)."""
+    mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(xf.size(-1))
+    return mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
+
+
 class _RotaryNorm(torch.autograd.Function):
     """The QK path, scale * rms_norm(rope(x)), as one function computed in fp32 and rounded once (the two ops
     apart round twice: RoPE's output, then the norm's; bf16 q / k gradients measured 2.2e-3 off float64 that
@@ -68,8 +74,7 @@ class _RotaryNorm(torch.autograd.Function):
         work = torch.promote_types(x.dtype, cos.dtype)  # fp32 tables for bf16 (fp64 for a float64 reference)
         cos2 = torch.cat([cos, cos], dim=-1)
         rotated = _rotate(x, cos2, sin, work)
-        mean_square = torch.linalg.vector_norm(rotated, dim=-1, keepdim=True).square_().div_(x.size(-1))
-        inv_rms = mean_square.add_(torch.finfo(work).eps).rsqrt_()
+        inv_rms = _inv_rms(rotated)
         y = rotated.mul_(inv_rms * scale).to(x.dtype)
         ctx.save_for_backward(y, inv_rms, cos2, sin)
         ctx.scale = scale
@@ -113,8 +118,7 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale: float, out_dtype: torch.dtype, copies: int, prefix: int):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.size(-1))
-        inv_rms = mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
+        inv_rms = _inv_rms(xf)
         # bf16: computed in fp32 and rounded once (F.rms_norm(x) * scale rounds the normalised x, then the
         # scaled one: two roundings, as many as the QK-norm's whole gradient error budget)
         y = (xf * (inv_rms * scale)).to(out_dtype)
