@@ -170,13 +170,20 @@ def apply_fsdp(model: nn.Module, world: WorldInfo, param_dtype: torch.dtype,
             raise ValueError(f"FSDP unit {type(unit).__name__} is not part of the model; choose units after "
                              "module swaps (pass a function of the model)")
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # a block that casts its own inputs (`casts_own_inputs`, e.g. the GPT's, whose fp32 RoPE tables FSDP's cast of
+    # every floating-point argument would round to bf16) is told the dtype instead
+    own_cast_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                           cast_forward_inputs=False)
     mesh = world.mesh
     for unit in (*units, *embedding_units):
         fully_shard(unit, mesh=mesh, mp_policy=mp_policy)
     for unit in embedding_units:
         unit.set_unshard_in_backward(False)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        casts_own_inputs = getattr(block, "casts_own_inputs", False)
+        fully_shard(block, mesh=mesh, mp_policy=own_cast_policy if casts_own_inputs else mp_policy)
+        if casts_own_inputs:
+            block.input_dtype = param_dtype
     for unit in gathered_units:
         fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)

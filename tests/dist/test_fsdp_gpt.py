@@ -237,3 +237,34 @@ def test_checkpoint_from_one_process_loads_on_two_ranks(runs):
         torch.testing.assert_close(torch.tensor(result["resumed"]), torch.tensor(runs.losses[SAVE_AT:]),
                                    rtol=1e-5, atol=0)
 
+
+
+def _bf16_block_dtypes(rank, world_size):
+    world = init_distributed(ParallelismConfig(), "cpu")
+    with torch.device("meta"):
+        model = GPT(ARGS)
+    model = parallelize_gpt(model, world, CompileConfig(enabled="false"), Float8Config(),
+                            ActivationCheckpointConfig(mode="selective", selective_every=2),
+                            param_dtype=torch.bfloat16)
+    set_seed(1234)
+    model = materialize(model, world.device)
+    model.set_compute_dtype(torch.bfloat16)
+    seen = {}
+    model.blocks[1].attn.register_forward_pre_hook(lambda m, args: seen.update(tables=args[2].dtype))
+    model.blocks[1].register_forward_hook(lambda m, args, out: seen.update(block_in=args[0].dtype,
+                                                                           block_out=out.dtype))
+    inputs, targets = global_batch(0)
+    rows = GLOBAL_ROWS // world_size
+    model(inputs[rank * rows:(rank + 1) * rows], targets[rank * rows:(rank + 1) * rows]).backward()
+    return {k: str(v) for k, v in seen.items()}
+
+
+def test_fsdp_bf16_blocks_keep_fp32_rope_tables_and_a_bf16_stream(monkeypatch):
+    """FSDP's mixed-precision policy casts every floating-point argument of a sharded module to its param dtype;
+    the GPT's blocks opt out (casts_own_inputs) so the RoPE tables stay fp32, and cast the residual stream (and
+    ve rows) themselves: the stream arrives fp32 from GPT.forward and runs bf16 inside, as it did under FSDP's
+    cast, so a sharded block's saved activations are unchanged."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for seen in run_in_processes(_bf16_block_dtypes, world_size=2, timeout=120):
+        assert seen == {"tables": "torch.float32", "block_in": "torch.float32", "block_out": "torch.bfloat16"}

@@ -209,13 +209,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # FSDP leaves this block's inputs alone and sets input_dtype (titanlite.parallelize.apply_fsdp): its own cast
+    # of every floating-point argument would also round the fp32 RoPE tables to bf16
+    casts_own_inputs = True
+
     def __init__(self, args: GPTArgs, layer_idx: int, window: int):
         super().__init__()
         self.attn = CausalSelfAttention(args, layer_idx, window)
         self.mlp = MLP(args.n_embd)
         self.compute_dtype = torch.float32  # set by GPT.set_compute_dtype
+        self.input_dtype: torch.dtype | None = None  # under FSDP: its param dtype, the stream's dtype in here
 
     def forward(self, x, ve, cos, sin, kv_cache=None, attn_mask=None):
+        if self.input_dtype is not None:  # what FSDP's input cast did, minus the tables (bf16 stream and ve rows
+            x = x.to(self.input_dtype)    # in a sharded block: their saved copies are the activation budget)
+            ve = ve.to(self.input_dtype) if ve is not None else None
         # x is the residual stream (fp32 in a bf16 run, see GPT.forward); the branches run in the compute dtype
         attn_in = norm(x, out_dtype=self.compute_dtype, copies=3, prefix=self.attn.gate_channels)
         x = x + self.attn(attn_in, ve, cos, sin, kv_cache, attn_mask)
