@@ -182,3 +182,23 @@ def weight_copy_bytes(compute_bytes: int, shard: int, matrices: int, n_layer: in
     if compute_bytes < 4:
         return compute_bytes * (matrices + lm_head)
     return 0
+
+
+def build_memory_estimate(plan, compute_bytes: int, shard_degree: int, ac_mode: str, selective_every: int,
+                          optimizer_bytes: int, activations: Callable[[set[int]], int],
+                          compiled: bool = False) -> MemoryEstimate:
+    """What every family's estimate shares: fp32 master weights, fp32 gradients and the optimizer states (its
+    unsharded `optimizer_bytes`) sharded over the FSDP shard degree, the compute-dtype weight copies, and the
+    family's `activations(checkpointed block indices)` without checkpointing and with the mode asked for (full
+    when none was)."""
+    p, n_layer = plan.params, plan.model_args.n_layer
+    shard = max(1, shard_degree)
+    asked = checkpointed_blocks(n_layer, ac_mode, selective_every)
+    with_ac = asked if asked else checkpointed_blocks(n_layer, "full", 1)
+    return MemoryEstimate(
+        parameters=4 * p["total"] // shard, gradients=4 * p["total"] // shard,
+        optimizer_states=optimizer_bytes // shard,
+        weight_copies=weight_copy_bytes(compute_bytes, shard, p["transformer_matrices"], n_layer, p["lm_head"]),
+        activations=activations(set()), activations_ac=activations(with_ac),
+        ac_mode=ac_mode if asked else "full", shard_degree=shard, compute_bytes=compute_bytes, compiled=compiled,
+        accumulates=plan.grad_accum_steps > 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from titanlite.attention import uses_banded_sdpa, uses_causal_halves
 from titanlite.models.gpt.model import VE_GATE_CHANNELS, has_value_embedding, window_sizes
 from titanlite.models.gpt.ops import HEAD_CHUNK_ELEMENTS
-from titanlite.spec import MemoryEstimate, checkpointed_blocks, weight_copy_bytes
+from titanlite.spec import MemoryEstimate, build_memory_estimate
 
 FP32 = 4
 
@@ -146,7 +146,6 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     total = p["total"]
     matrices = p["transformer_matrices"]
     adamw_params = total - matrices
-    # NorMuon keeps one value per row (tall/square) or per column (wide) of each block matrix
     a = plan.model_args
     C, q_dim, kv_dim = a.n_embd, a.n_head * a.head_dim, a.n_kv_head * a.head_dim
     # one value per row of a tall/square matrix, per column of a wide one: max(rows, cols) per matrix
@@ -156,14 +155,6 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     ve_gates = n_ve * max(a.n_kv_head, VE_GATE_CHANNELS)  # ve_gate: (n_kv_head, 12)
     second_moment = a.n_layer * per_layer + ve_gates
     optimizer = FP32 * (2 * adamw_params + matrices + second_moment)
-    shard = max(1, shard_degree)
-    weight_copies = weight_copy_bytes(compute_bytes, shard, matrices, a.n_layer, p["lm_head"])
-    asked = checkpointed_blocks(a.n_layer, ac_mode, selective_every)
-    with_ac = asked if asked else checkpointed_blocks(a.n_layer, "full", 1)
-    return MemoryEstimate(
-        parameters=FP32 * total // shard, gradients=FP32 * total // shard, optimizer_states=optimizer // shard,
-        weight_copies=weight_copies,
-        activations=activation_bytes(plan, compute_bytes, set(), fused_head, compiled),
-        activations_ac=activation_bytes(plan, compute_bytes, with_ac, fused_head, compiled),
-        ac_mode=ac_mode if asked else "full", shard_degree=shard, compute_bytes=compute_bytes, compiled=compiled,
-        accumulates=plan.grad_accum_steps > 1)
+    return build_memory_estimate(
+        plan, compute_bytes, shard_degree, ac_mode, selective_every, optimizer,
+        lambda checkpointed: activation_bytes(plan, compute_bytes, checkpointed, fused_head, compiled), compiled)

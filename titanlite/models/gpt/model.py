@@ -335,10 +335,11 @@ class GPT(nn.Module):
         if pos + T > self.rope_cos.size(1):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the RoPE table ({self.rope_cos.size(1)})")
         dtype = self.compute_dtype
-        # RoPE tables stay fp32 (or wider) for bf16: rounding them to bf16 would shift every angle by up to 2^-9
-        table_dtype = torch.promote_types(dtype, torch.float32)
-        cos = self.rope_cos[:, pos:pos + T].to(table_dtype)
-        sin = self.rope_sin[:, pos:pos + T].to(table_dtype)
+        # RoPE tables, the residual stream and x0 stay fp32 (or the compute dtype if wider); see below
+        stream = torch.promote_types(dtype, torch.float32)
+        # rounding the tables to bf16 would shift every angle by up to 2^-9
+        cos = self.rope_cos[:, pos:pos + T].to(stream)
+        sin = self.rope_sin[:, pos:pos + T].to(stream)
 
         # The residual stream and x0 (the normed, smeared embedding) stay in fp32 (or the compute dtype if wider):
         # the gradients of the per-layer scalars, the smear and the embeddings are sums over every token and
@@ -346,10 +347,9 @@ class GPT(nn.Module):
         # (bf16 gradients of x0_lambdas measured 37 % off at d4). Every branch (attention, MLP, head) still reads
         # a bf16 norm of the stream and runs its matmuls in `dtype`; the stream costs fp32 adds and norm reads, and
         # its saved copies are fp32 (the mixes' and, on CPU, the norms' inputs: rounded, they would leave the
-        # resid_lambdas gradient at initialisation 1000x noisier than the compiled graph's). Under FSDP the
-        # blocks' inputs are cast to the param dtype (bf16) by its mixed-precision policy, so there the stream is
-        # bf16 inside each block and fp32 between them.
-        stream = torch.promote_types(dtype, torch.float32)
+        # resid_lambdas gradient at initialisation 1000x noisier than the compiled graph's). Under FSDP each block
+        # casts the stream to its param dtype (Block.input_dtype), so there the stream is bf16 inside each block
+        # and fp32 between them.
         x = self._smear(norm(self.wte(idx).to(stream)), kv_cache)
         x0 = x
         backout_at = self.args.n_layer // 2

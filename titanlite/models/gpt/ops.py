@@ -59,6 +59,13 @@ def _inv_rms(xf: torch.Tensor) -> torch.Tensor:
     return mean_square.add_(torch.finfo(xf.dtype).eps).rsqrt_()
 
 
+def _remove_component(h: torch.Tensor, ref: torch.Tensor, factor) -> torch.Tensor:
+    """h -= ref (h . ref) factor, row by row over the last dim, in place: the projection step of an rms-norm
+    backward (factor: a number or a per-row tensor)."""
+    coef = torch.linalg.vecdot(h, ref).unsqueeze_(-1).mul_(factor)
+    return h.addcmul_(ref, coef, value=-1.0)
+
+
 class _RotaryNorm(torch.autograd.Function):
     """The QK path, scale * rms_norm(rope(x)), as one function computed in fp32 and rounded once (the two ops
     apart round twice: RoPE's output, then the norm's; bf16 q / k gradients measured 2.2e-3 off float64 that
@@ -85,9 +92,7 @@ class _RotaryNorm(torch.autograd.Function):
         y, inv_rms, cos2, sin = ctx.saved_tensors
         work = inv_rms.dtype
         h = grad.to(work, copy=True).mul_(inv_rms * ctx.scale)
-        yf = y.to(work)
-        coef = torch.linalg.vecdot(h, yf).unsqueeze_(-1).div_(ctx.scale * ctx.scale * y.size(-1))
-        h.addcmul_(yf, coef, value=-1.0)
+        _remove_component(h, y.to(work), 1.0 / (ctx.scale * ctx.scale * y.size(-1)))
         return _rotate(h, cos2, -sin, y.dtype), None, None, None
 
 
@@ -155,9 +160,8 @@ class _RmsNorm(torch.autograd.Function):
                 h[..., :ctx.prefix].add_(part)
             h.mul_(s_r)
         ref = saved.to(work)                               # no copy unless a bf16 output was kept
-        coef = torch.linalg.vecdot(h, ref).unsqueeze_(-1)
-        coef.mul_(inv_rms.square() / size if ctx.keeps_input else 1.0 / (ctx.scale * ctx.scale * size))
-        dx = h.addcmul_(ref, coef, value=-1.0)
+        dx = _remove_component(h, ref, inv_rms.square() / size if ctx.keeps_input
+                               else 1.0 / (ctx.scale * ctx.scale * size))
         return dx.to(ctx.in_dtype), None, None, None, None
 
 

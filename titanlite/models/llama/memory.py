@@ -10,7 +10,7 @@ Not counted: the CUDA context and allocator fragmentation.
 
 from __future__ import annotations
 
-from titanlite.spec import MemoryEstimate, checkpointed_blocks, weight_copy_bytes
+from titanlite.spec import MemoryEstimate, build_memory_estimate
 
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids, kept by the embedding's backward
@@ -63,12 +63,5 @@ def estimate_memory(plan, compute_bytes: int, shard_degree: int, ac_mode: str = 
     shapes = [(q_dim, C), (kv_dim, C), (kv_dim, C), (C, q_dim), (a.ffn_dim, C), (a.ffn_dim, C), (C, a.ffn_dim)]
     second_moment = a.n_layer * sum(max(shape) for shape in shapes)
     optimizer = FP32 * (2 * (total - matrices) + matrices + second_moment)
-    shard = max(1, shard_degree)
-    weight_copies = weight_copy_bytes(compute_bytes, shard, matrices, a.n_layer, p["lm_head"])
-    asked = checkpointed_blocks(a.n_layer, ac_mode, selective_every)
-    with_ac = asked if asked else checkpointed_blocks(a.n_layer, "full", 1)
-    return MemoryEstimate(
-        parameters=FP32 * total // shard, gradients=FP32 * total // shard, optimizer_states=optimizer // shard,
-        weight_copies=weight_copies, activations=activation_bytes(plan, compute_bytes, set()),
-        activations_ac=activation_bytes(plan, compute_bytes, with_ac), ac_mode=ac_mode if asked else "full",
-        shard_degree=shard, compute_bytes=compute_bytes, compiled=False, accumulates=plan.grad_accum_steps > 1)
+    return build_memory_estimate(plan, compute_bytes, shard_degree, ac_mode, selective_every, optimizer,
+                                 lambda checkpointed: activation_bytes(plan, compute_bytes, checkpointed))
